@@ -278,11 +278,11 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
     @property
     def num_parameters_by_part(self) -> dict[str, int]:
         """Parameter counts of the base Wan transformer and of the audio adapter."""
-        adapter = sum(p.numel() for n, p in self.named_parameters() if _is_adapter_parameter(n))
+        adapter = sum(p.numel() for n, p in self.named_parameters() if is_adapter_parameter(n))
         total = sum(p.numel() for p in self.parameters())
         return {"base": total - adapter, "audio_adapter": adapter, "total": total}
 
 
-def _is_adapter_parameter(name: str) -> bool:
+def is_adapter_parameter(name: str) -> bool:
     return name.startswith("audio_proj.") or ".audio_attn." in name or ".norm_audio." in name
 

@@ -32,7 +32,7 @@ def is_original_audio_key(key: str) -> bool:
     return key.startswith("audio_proj.") or _AUDIO_BLOCK_KEY.match(key) is not None
 
 
-def _audio_key_to_ours(key: str) -> str:
+def audio_key_to_ours(key: str) -> str:
     if key.startswith("audio_proj."):
         return key
     match = _AUDIO_BLOCK_KEY.match(key)
@@ -52,7 +52,7 @@ def original_dit_key_map(keys: Iterable[str]) -> dict[str, str]:
     """Original Wan/MultiTalk DiT keys (with or without the `model.diffusion_model.` prefix) → ours."""
     keys = list(keys)
     stripped = {k: k.removeprefix("model.diffusion_model.") for k in keys}
-    audio = {k: _audio_key_to_ours(s) for k, s in stripped.items() if is_original_audio_key(s)}
+    audio = {k: audio_key_to_ours(s) for k, s in stripped.items() if is_original_audio_key(s)}
     base_sources = [s for k, s in stripped.items() if k not in audio]
     base = _renaming_from_converter(convert_wan_transformer_to_diffusers, base_sources)
     by_stripped = {s: k for k, s in stripped.items()}
@@ -141,3 +141,61 @@ def _apply_table(keys: Iterable[str], table: list[tuple[str, str]], what: str) -
         else:
             raise KeyError(f"unexpected key {key!r} in the {what} checkpoint")
     return mapping
+
+
+def original_dit_keys(num_layers: int) -> list[str]:
+    """Every tensor name of the published original-layout MultiTalk DiT (Wan shards + multitalk.safetensors)."""
+    wb = ("weight", "bias")
+    keys = [f"{m}.{p}" for m in ("patch_embedding", "text_embedding.0", "text_embedding.2", "time_embedding.0",
+                                  "time_embedding.2", "time_projection.1", "img_emb.proj.0", "img_emb.proj.1",
+                                  "img_emb.proj.3", "img_emb.proj.4", "head.head") for p in wb]
+    keys.append("head.modulation")
+    keys += [f"audio_proj.{m}.{p}" for m in ("proj1", "proj1_vf", "proj2", "proj3", "norm") for p in wb]
+    for n in range(num_layers):
+        b = f"blocks.{n}"
+        keys += [f"{b}.self_attn.{m}.{p}" for m in "qkvo" for p in wb]
+        keys += [f"{b}.self_attn.norm_q.weight", f"{b}.self_attn.norm_k.weight"]
+        keys += [f"{b}.cross_attn.{m}.{p}" for m in ("q", "k", "v", "o", "k_img", "v_img") for p in wb]
+        keys += [f"{b}.cross_attn.{m}.weight" for m in ("norm_q", "norm_k", "norm_k_img")]
+        keys += [f"{b}.{m}.{p}" for m in ("norm3", "ffn.0", "ffn.2", "norm_x") for p in wb]
+        keys += [f"{b}.audio_cross_attn.{m}.{p}" for m in ("q_linear", "kv_linear", "proj") for p in wb]
+        keys.append(f"{b}.modulation")
+    return keys
+
+
+def original_t5_keys(num_layers: int) -> list[str]:
+    """Every tensor name of Wan's `models_t5_umt5-xxl-enc-bf16.pth`."""
+    keys = ["token_embedding.weight", "norm.weight"]
+    for n in range(num_layers):
+        keys += [f"blocks.{n}.{m}.weight" for m in ("norm1", "attn.q", "attn.k", "attn.v", "attn.o", "norm2",
+                                                     "ffn.gate.0", "ffn.fc1", "ffn.fc2", "pos_embedding.embedding")]
+    return keys
+
+
+def original_vae_keys_for(target_keys: Iterable[str]) -> dict[str, str]:
+    """Original `Wan2.1_VAE.pth` name of every `AutoencoderKLWan` tensor name given.
+
+    Found by running diffusers' converter over every name the original architecture can have and
+    keeping those that land on a given target; raises if that is not a one-to-one match.
+    """
+    parts = [f"residual.{i}.gamma" for i in (0, 3)] + [f"{m}.{p}" for m in ("residual.2", "residual.6", "shortcut",
+                                                                           "resample.1", "time_conv") for p in ("weight", "bias")]
+    candidates = [f"{side}.{group}.{k}.{part}" for side, group in (("encoder", "downsamples"), ("decoder", "upsamples"))
+                  for k in range(16) for part in parts]
+    for side in ("encoder", "decoder"):
+        candidates += [f"{side}.conv1.weight", f"{side}.conv1.bias", f"{side}.head.0.gamma", f"{side}.head.2.weight",
+                       f"{side}.head.2.bias", f"{side}.middle.1.norm.gamma"]
+        candidates += [f"{side}.middle.{i}.{part}" for i in (0, 2) for part in parts[:6]]
+        candidates += [f"{side}.middle.1.{m}.{p}" for m in ("to_qkv", "proj") for p in ("weight", "bias")]
+    candidates += [f"conv{i}.{p}" for i in (1, 2) for p in ("weight", "bias")]
+    forward = original_vae_key_map(candidates)
+    targets = set(target_keys)
+    inverse: dict[str, str] = {}
+    for source, target in forward.items():
+        if target in targets:
+            if target in inverse:
+                raise ValueError(f"VAE tensor {target} has two original names: {inverse[target]}, {source}")
+            inverse[target] = source
+    if set(inverse) != targets:
+        raise ValueError(f"no original name for VAE tensors {sorted(targets - set(inverse))[:5]}")
+    return inverse

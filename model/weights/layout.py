@@ -1,0 +1,270 @@
+"""Find the checkpoints users already have on disk, in either published layout, and load them in place.
+
+Layout `multitalk` (the MultiTalk README):
+    Wan2.1-I2V-14B-480P/   config.json, 7 original-key DiT shards + index, models_t5_umt5-xxl-enc-bf16.pth,
+                           google/umt5-xxl/ (tokenizer), models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth,
+                           Wan2.1_VAE.pth
+    MeiGen-MultiTalk/      multitalk.safetensors (audio adapter), diffusion_pytorch_model.safetensors.index.json
+    chinese-wav2vec2-base/ config.json, preprocessor_config.json, model.safetensors
+Layout `diffusers`:
+    Wan2.1-I2V-14B-480P-Diffusers/  transformer/, text_encoder/, tokenizer/, image_encoder/, vae/
+    MeiGen-MultiTalk/multitalk.safetensors and chinese-wav2vec2-base/ as above.
+
+MultiTalk's replacement index (base keys → Wan shards, adapter keys → multitalk.safetensors) is read
+from `MeiGen-MultiTalk/` where it was published; the README's step of swapping it into the Wan
+folder is honoured when done but never needed, and the user's files are never edited.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+
+from ..audio_encoder import Wav2Vec2AudioEncoder
+from ..configs import heads_from_config, transformer_config_from_shapes
+from ..image_encoder import WanImageEncoder, load_clip_from_original, load_clip_from_pretrained
+from ..text_encoder import WanTextEncoder, load_umt5_from_original, load_umt5_from_pretrained
+from ..transformer_multitalk import MultiTalkTransformer3DModel, is_adapter_parameter
+from ..vae import WanVAE, load_vae_from_original, load_vae_from_pretrained
+from .keymaps import TensorRule, audio_key_to_ours, is_original_audio_key, original_dit_key_map
+from .streaming import CheckpointFiles, WeightsError, load_into_empty_model
+
+WAN_ORIGINAL_DIR = "Wan2.1-I2V-14B-480P"
+WAN_DIFFUSERS_DIR = "Wan2.1-I2V-14B-480P-Diffusers"
+MULTITALK_DIR = "MeiGen-MultiTalk"
+WAV2VEC_DIR = "chinese-wav2vec2-base"
+ADAPTER_FILE = "multitalk.safetensors"
+INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+VAE_FILE = "Wan2.1_VAE.pth"
+
+
+@dataclass
+class WeightsLayout:
+    """Where every component of one checkpoint set is."""
+
+    kind: str  # "multitalk" | "diffusers"
+    root: Path
+    transformer_config: Path
+    transformer_files: list[Path]  # base shards then the adapter file
+    text_encoder: Path  # .pth (multitalk) or folder (diffusers)
+    tokenizer: Path
+    image_encoder: Path
+    vae: Path
+    audio_encoder: Path
+
+
+def _require(path: Path, what: str, missing: list[str]) -> Path:
+    if not path.exists():
+        missing.append(f"{what}: {path}")
+    return path
+
+
+def find_layout(root: Path, kind: str | None = None) -> WeightsLayout:
+    """Locate every file of a checkpoint set under `root`; `WeightsError` lists everything missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise WeightsError(f"weights directory not found: {root}")
+    if kind is None:
+        if (root / WAN_ORIGINAL_DIR).is_dir():
+            kind = "multitalk"
+        elif (root / WAN_DIFFUSERS_DIR).is_dir():
+            kind = "diffusers"
+        else:
+            raise WeightsError(f"{root} has neither {WAN_ORIGINAL_DIR}/ (layout multitalk) nor {WAN_DIFFUSERS_DIR}/ (layout diffusers)")
+    missing: list[str] = []
+    multitalk_dir = _require(root / MULTITALK_DIR, "MultiTalk adapter folder", missing)
+    audio = _require(root / WAV2VEC_DIR / "config.json", "wav2vec2 config", missing).parent
+    if kind == "multitalk":
+        wan = root / WAN_ORIGINAL_DIR
+        layout = WeightsLayout(
+            kind, root, _require(wan / "config.json", "Wan DiT config", missing),
+            _original_transformer_files(wan, multitalk_dir, missing),
+            _require(wan / T5_FILE, "umT5 encoder", missing), _require(wan / "google" / "umt5-xxl", "umT5 tokenizer", missing),
+            _require(wan / CLIP_FILE, "CLIP", missing), _require(wan / VAE_FILE, "VAE", missing), audio,
+        )
+    elif kind == "diffusers":
+        wan = root / WAN_DIFFUSERS_DIR
+        transformer = wan / "transformer"
+        files = _indexed_files(transformer, transformer / INDEX_FILE, [transformer], missing)
+        files.append(_find_adapter([multitalk_dir, transformer], missing))
+        layout = WeightsLayout(
+            kind, root, _require(transformer / "config.json", "transformer config", missing), files,
+            _require(wan / "text_encoder", "text encoder", missing), _require(wan / "tokenizer", "tokenizer", missing),
+            _require(wan / "image_encoder", "image encoder", missing), _require(wan / "vae", "VAE", missing), audio,
+        )
+    else:
+        raise WeightsError(f"unknown layout {kind!r}: use 'multitalk' or 'diffusers'")
+    if missing:
+        raise WeightsError(f"incomplete {kind} layout under {root}:\n  " + "\n  ".join(missing))
+    return layout
+
+
+def _find_adapter(folders: list[Path], missing: list[str]) -> Path:
+    for folder in folders:
+        if (folder / ADAPTER_FILE).is_file():
+            return folder / ADAPTER_FILE
+    missing.append(f"MultiTalk audio adapter: {folders[0] / ADAPTER_FILE}")
+    return folders[0] / ADAPTER_FILE
+
+
+def _indexed_files(folder: Path, index: Path, search: list[Path], missing: list[str]) -> list[Path]:
+    """Shard files named by an index json (looked up in `search` folders), else every shard in `folder`."""
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        names = sorted(p.name for p in folder.glob("diffusion_pytorch_model*.safetensors"))
+        if not names:
+            missing.append(f"DiT weights: {folder}/diffusion_pytorch_model*.safetensors")
+    files = []
+    for name in names:
+        found = next((d / name for d in search if (d / name).is_file()), None)
+        if found is None:
+            missing.append(f"DiT shard {name} (listed in {index}) in {' or '.join(map(str, search))}")
+        else:
+            files.append(found)
+    return files
+
+
+def _original_transformer_files(wan: Path, multitalk_dir: Path, missing: list[str]) -> list[Path]:
+    replacement = multitalk_dir / INDEX_FILE
+    index = replacement if replacement.is_file() else wan / INDEX_FILE
+    files = _indexed_files(wan, index, [wan, multitalk_dir], missing)
+    if not any(f.name == ADAPTER_FILE for f in files):
+        files.append(_find_adapter([multitalk_dir, wan], missing))
+    base = [f for f in files if f.name != ADAPTER_FILE]
+    return base + [f for f in files if f.name == ADAPTER_FILE]
+
+
+def transformer_rules(layout: WeightsLayout, source: CheckpointFiles) -> dict[str, TensorRule]:
+    """Our parameter name → source tensor, for either layout."""
+    if layout.kind == "multitalk":
+        mapping = original_dit_key_map(source.keys())
+    else:  # diffusers base keys as they are; the adapter file keeps MultiTalk's original names
+        mapping = {k: audio_key_to_ours(k) if is_original_audio_key(k) else k for k in source.keys()}
+    return {target: TensorRule(src) for src, target in mapping.items()}
+
+
+def transformer_config(layout: WeightsLayout, rules: dict[str, TensorRule], source: CheckpointFiles) -> dict:
+    config_json = json.loads(layout.transformer_config.read_text())
+    audio_json = json.loads((layout.audio_encoder / "config.json").read_text())
+    shapes = source.shapes()
+    return transformer_config_from_shapes(
+        {target: shapes[rule.source] for target, rule in rules.items()},
+        heads_from_config(config_json),
+        audio_encoder_layers=int(audio_json["num_hidden_layers"]),
+        audio_encoder_dim=int(audio_json["hidden_size"]),
+        eps=float(config_json.get("eps", 1e-6)),
+    )
+
+
+def load_transformer(layout: WeightsLayout, dtype: torch.dtype, device: torch.device | str = "cpu") -> MultiTalkTransformer3DModel:
+    """Build the DiT on the meta device and stream every shard into it (one copy in memory at most)."""
+    source = CheckpointFiles(layout.transformer_files)
+    rules = transformer_rules(layout, source)
+    with init_empty_weights():
+        model = MultiTalkTransformer3DModel(**transformer_config(layout, rules, source))
+    load_into_empty_model(
+        model, source, rules, dtype=dtype, device=device, keep_in_fp32=model._keep_in_fp32_modules,
+        what=f"MultiTalk transformer ({layout.kind} layout under {layout.root})",
+    )
+    model.rope.to(device)
+    return model.eval()
+
+
+@dataclass
+class Precision:
+    """Runtime dtype of each component (the original: DiT and T5 bf16, CLIP fp16, VAE and wav2vec2 fp32)."""
+
+    transformer: torch.dtype = torch.float32
+    text_encoder: torch.dtype = torch.float32
+    image_encoder: torch.dtype = torch.float32
+    vae: torch.dtype = torch.float32
+
+    @classmethod
+    def for_device(cls, device: torch.device | str) -> "Precision":
+        if torch.device(device).type == "cuda":
+            return cls(torch.bfloat16, torch.bfloat16, torch.float16, torch.float32)
+        return cls()
+
+
+@dataclass
+class MultiTalkComponents:
+    transformer: MultiTalkTransformer3DModel
+    text_encoder: WanTextEncoder
+    image_encoder: WanImageEncoder
+    vae: WanVAE
+    audio_encoder: Wav2Vec2AudioEncoder
+
+
+def load_components(layout: WeightsLayout, device: torch.device | str = "cpu", precision: Precision | None = None) -> MultiTalkComponents:
+    """Load every model of the pipeline from `layout` (wav2vec2 always fp32 on CPU, as the original)."""
+    precision = precision or Precision.for_device(device)
+    if layout.kind == "multitalk":
+        t5 = load_umt5_from_original(layout.text_encoder, precision.text_encoder, device)
+        clip = load_clip_from_original(layout.image_encoder, precision.image_encoder, device)
+        vae = load_vae_from_original(layout.vae, precision.vae, device)
+    else:
+        t5 = load_umt5_from_pretrained(layout.text_encoder, precision.text_encoder, device)
+        clip = load_clip_from_pretrained(layout.image_encoder, precision.image_encoder, device)
+        vae = load_vae_from_pretrained(layout.vae, precision.vae, device)
+    return MultiTalkComponents(
+        transformer=load_transformer(layout, precision.transformer, device),
+        text_encoder=WanTextEncoder.from_tokenizer_dir(t5, layout.tokenizer),
+        image_encoder=clip,
+        vae=WanVAE(vae),
+        audio_encoder=Wav2Vec2AudioEncoder.from_pretrained(layout.audio_encoder),
+    )
+
+
+def inspect_weights(root: Path, kind: str | None = None) -> dict:
+    """What `multitalk weights check` reports: layout, files, parameter counts, problems (reads headers only)."""
+    report: dict = {"root": str(root), "layout": None, "ok": False, "problems": []}
+    try:
+        layout = find_layout(root, kind)
+    except WeightsError as exc:
+        report["problems"].append(str(exc))
+        return report
+    report["layout"] = layout.kind
+    report["files"] = {
+        "transformer": [str(f) for f in layout.transformer_files], "text_encoder": str(layout.text_encoder),
+        "tokenizer": str(layout.tokenizer), "image_encoder": str(layout.image_encoder), "vae": str(layout.vae),
+        "audio_encoder": str(layout.audio_encoder),
+    }
+    try:
+        source = CheckpointFiles(layout.transformer_files)
+        rules = transformer_rules(layout, source)
+        config = transformer_config(layout, rules, source)
+        with init_empty_weights():
+            model = MultiTalkTransformer3DModel(**config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        shapes = source.shapes()
+        missing = sorted(set(expected) - set(rules))
+        unexpected = sorted(set(rules) - set(expected))
+        wrong = sorted(t for t, r in rules.items() if t in expected and tuple(shapes[r.source]) != expected[t])
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if names:
+                report["problems"].append(f"transformer: {len(names)} {label} tensor(s): {', '.join(names[:8])}")
+        numel = {t: _numel(shapes[r.source]) for t, r in rules.items()}
+        adapter = sum(n for t, n in numel.items() if is_adapter_parameter(t))
+        report["transformer"] = {
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+            "parameters": {"base": sum(numel.values()) - adapter, "audio_adapter": adapter, "total": sum(numel.values())},
+            "dtypes": sorted({source.dtype_name(r.source) for r in rules.values()}),
+        }
+    except (WeightsError, KeyError, ValueError) as exc:
+        report["problems"].append(f"transformer: {exc}")
+    report["ok"] = not report["problems"]
+    return report
+
+
+def _numel(shape) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total

@@ -1,0 +1,246 @@
+"""Seeded tiny random checkpoints in the published layouts (same file and key names, tiny sizes).
+
+No weights can be downloaded where this project is tested, so tests, the demo (`--weights tiny`)
+and CI run the real loading code on these. Each component is created as the library class we load
+into (random init, then every all-zero/all-one tensor perturbed so that every parameter matters),
+then written:
+
+- layout `diffusers`: `Wan2.1-I2V-14B-480P-Diffusers/` with `save_pretrained` folders;
+- layout `multitalk`: `Wan2.1-I2V-14B-480P/` in Wan's original formats (sharded original-key DiT,
+  `.pth` T5 in bf16, `.pth` CLIP in fp16, `.pth` VAE), named back through the loader's own key maps;
+
+plus `MeiGen-MultiTalk/` (audio adapter + replacement index) and `chinese-wav2vec2-base/`, shared by
+both layouts. The same seed gives the same numbers in both layouts (values are rounded to the dtype
+of the original files first), so both load to identical models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PreTrainedTokenizerFast,
+    UMT5Config,
+    UMT5EncoderModel,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2Model,
+)
+
+from ..transformer_multitalk import MultiTalkTransformer3DModel
+from .keymaps import is_original_audio_key, original_dit_key_map, original_dit_keys, original_t5_key_map, original_t5_keys, original_vae_keys_for
+from .layout import MULTITALK_DIR, WAN_DIFFUSERS_DIR, WAN_ORIGINAL_DIR, WAV2VEC_DIR
+
+DIT_SHARDS_ORIGINAL = 7  # the published Wan2.1-I2V-14B-480P has 7 DiT shards
+DIT_SHARDS_DIFFUSERS = 3
+
+TINY_T5 = dict(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=32)
+TINY_CLIP = dict(hidden_size=160, intermediate_size=640, num_hidden_layers=3, num_attention_heads=2, image_size=224, patch_size=14, projection_dim=32)
+TINY_WAV2VEC2 = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16,) * 7,
+    num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, feat_extract_norm="group", do_stable_layer_norm=False,
+)
+TINY_VAE_BASE_DIM = 8
+TINY_DIT_HEADS, TINY_DIT_DIM, TINY_DIT_LAYERS = 4, 64, 2
+# Words of typical prompts; anything else is <unk>. Ids 0/1/2 are umT5's <pad>/</s>/<unk>.
+TINY_VOCAB = (
+    "a an the and or of in on at to with is are two man woman men women people person talking talk talks speaks "
+    "speaking sitting standing inside outside car room studio podcast interview news anchor camera smiling looking "
+    "at each other , . bright tones overexposed static blurred details subtitles style works paintings images "
+    "overall gray worst quality low jpeg compression residue ugly incomplete extra fingers poorly drawn hands faces "
+    "deformed disfigured misshapen limbs fused still picture messy background three legs many walking backwards"
+).split()
+
+
+def _perturb(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Give constant-initialised tensors (zero biases, unit norms) random values so each one matters."""
+    with torch.no_grad():
+        for _, tensor in module.state_dict(keep_vars=True).items():
+            if not tensor.is_floating_point() or tensor.numel() == 0:
+                continue
+            if torch.all(tensor == 0):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
+            elif torch.all(tensor == 1):
+                tensor.copy_(1 + torch.randn(tensor.shape, generator=generator) * 0.1)
+
+
+def _round_to(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round values to what `dtype` can hold, keeping fp32 storage (so both layouts carry equal numbers)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.to(dtype).float())
+
+
+def _seeded(seed: int, offset: int) -> torch.Generator:
+    torch.manual_seed(seed * 1000 + offset)
+    return torch.Generator().manual_seed(seed * 1000 + offset + 500)
+
+
+def build_tiny_components(seed: int) -> dict[str, torch.nn.Module]:
+    """The tiny random models, always created in the same order from `seed`."""
+    gen = _seeded(seed, 1)
+    t5 = UMT5EncoderModel(UMT5Config(**TINY_T5, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, is_encoder_decoder=False))
+    _perturb(t5, gen)
+    _round_to(t5, torch.bfloat16)
+
+    gen = _seeded(seed, 2)
+    clip = CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP, hidden_act="gelu", layer_norm_eps=1e-5))
+    _perturb(clip, gen)
+    _round_to(clip, torch.float16)
+
+    gen = _seeded(seed, 3)
+    vae = AutoencoderKLWan(base_dim=TINY_VAE_BASE_DIM, z_dim=16)
+    _perturb(vae, gen)
+
+    gen = _seeded(seed, 4)
+    wav2vec2 = Wav2Vec2Model(Wav2Vec2Config(**TINY_WAV2VEC2))
+    _perturb(wav2vec2, gen)
+
+    gen = _seeded(seed, 5)
+    dit = MultiTalkTransformer3DModel(
+        num_attention_heads=TINY_DIT_HEADS, attention_head_dim=TINY_DIT_DIM // TINY_DIT_HEADS, ffn_dim=2 * TINY_DIT_DIM,
+        num_layers=TINY_DIT_LAYERS, text_dim=TINY_T5["d_model"], freq_dim=32, image_dim=TINY_CLIP["hidden_size"],
+        added_kv_proj_dim=TINY_DIT_DIM, audio_layers=TINY_WAV2VEC2["num_hidden_layers"],
+        audio_dim=TINY_WAV2VEC2["hidden_size"], audio_intermediate_dim=32, audio_output_dim=32, audio_context_tokens=32,
+    )
+    _perturb(dit, gen)
+    return {"t5": t5.eval(), "clip": clip.eval(), "vae": vae.eval(), "wav2vec2": wav2vec2.eval(), "dit": dit.eval()}
+
+
+def write_tiny_weights(out: Path, layout: str = "multitalk", seed: int = 0) -> Path:
+    """Write a tiny checkpoint set in `layout` under `out`; returns `out`."""
+    if layout not in ("multitalk", "diffusers"):
+        raise ValueError(f"layout must be 'multitalk' or 'diffusers', not {layout!r}")
+    out = Path(out)
+    parts = build_tiny_components(seed)
+    dit_state = {k: v.detach().contiguous() for k, v in parts["dit"].state_dict().items()}
+    to_original = {ours: orig for orig, ours in original_dit_key_map(original_dit_keys(TINY_DIT_LAYERS)).items()}
+    adapter = {to_original[k]: v for k, v in dit_state.items() if is_original_audio_key(to_original[k])}
+    base = {k: v for k, v in dit_state.items() if not is_original_audio_key(to_original[k])}
+
+    _write_wav2vec2(parts["wav2vec2"], out / WAV2VEC_DIR)
+    multitalk_dir = out / MULTITALK_DIR
+    multitalk_dir.mkdir(parents=True, exist_ok=True)
+    save_file(adapter, str(multitalk_dir / "multitalk.safetensors"), metadata={"format": "pt"})
+
+    if layout == "multitalk":
+        wan = out / WAN_ORIGINAL_DIR
+        base_original = {to_original[k]: v for k, v in base.items()}
+        shard_map = _write_shards(base_original, wan, DIT_SHARDS_ORIGINAL)
+        _write_index(wan / "diffusion_pytorch_model.safetensors.index.json", shard_map, base_original)
+        # MultiTalk's replacement index: the Wan shards plus the adapter keys in multitalk.safetensors.
+        replacement = {**shard_map, **{k: "multitalk.safetensors" for k in adapter}}
+        _write_index(multitalk_dir / "diffusion_pytorch_model.safetensors.index.json", replacement, {**base_original, **adapter})
+        config = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": TINY_DIT_DIM, "eps": 1e-6,
+                  "ffn_dim": 2 * TINY_DIT_DIM, "freq_dim": 32, "in_dim": 36, "model_type": "i2v",
+                  "num_heads": TINY_DIT_HEADS, "num_layers": TINY_DIT_LAYERS, "out_dim": 16, "text_len": 512}
+        (wan / "config.json").write_text(json.dumps(config, indent=2))
+        _write_original_t5(parts["t5"], wan / "models_t5_umt5-xxl-enc-bf16.pth")
+        _write_tokenizer(wan / "google" / "umt5-xxl")
+        _write_original_clip(parts["clip"], wan / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+        vae_state = parts["vae"].state_dict()
+        names = original_vae_keys_for(vae_state.keys())
+        torch.save({names[k]: v.contiguous() for k, v in vae_state.items()}, wan / "Wan2.1_VAE.pth")
+    else:
+        wan = out / WAN_DIFFUSERS_DIR
+        transformer_dir = wan / "transformer"
+        _write_index(transformer_dir / "diffusion_pytorch_model.safetensors.index.json",
+                     _write_shards(base, transformer_dir, DIT_SHARDS_DIFFUSERS), base)
+        config = {k: v for k, v in parts["dit"].config.items() if not k.startswith(("audio_", "class_", "vae_scale", "_"))}
+        config.update({"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.42.1",
+                       "qk_norm": "rms_norm_across_heads", "pos_embed_seq_len": None, "patch_size": [1, 2, 2]})
+        (transformer_dir / "config.json").write_text(json.dumps(config, indent=2))
+        parts["t5"].save_pretrained(wan / "text_encoder")
+        _write_tokenizer(wan / "tokenizer")
+        parts["clip"].save_pretrained(wan / "image_encoder")
+        parts["vae"].save_pretrained(wan / "vae")
+        (wan / "model_index.json").write_text(json.dumps({
+            "_class_name": "WanImageToVideoPipeline", "_diffusers_version": "0.42.1",
+            "image_encoder": ["transformers", "CLIPVisionModel"], "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+            "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+            "transformer": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"],
+        }, indent=2))
+    return out
+
+
+def _write_shards(state: dict[str, torch.Tensor], folder: Path, shards: int) -> dict[str, str]:
+    """Spread tensors over `shards` files named like diffusers' shards; returns key → file name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = sorted(state)
+    per_shard = -(-len(keys) // shards)
+    weight_map = {}
+    for i in range(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        chunk = keys[i * per_shard:(i + 1) * per_shard]
+        save_file({k: state[k].float() for k in chunk}, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in chunk})
+    return weight_map
+
+
+def _write_index(path: Path, weight_map: dict[str, str], state: dict[str, torch.Tensor]) -> None:
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+
+
+def _write_original_t5(t5: UMT5EncoderModel, path: Path) -> None:
+    hf = t5.state_dict()
+    names = original_t5_key_map(original_t5_keys(t5.config.num_layers))
+    torch.save({orig: hf[ours].to(torch.bfloat16).contiguous() for orig, ours in names.items()}, path)
+
+
+def _write_original_clip(clip: CLIPVisionModel, path: Path) -> None:
+    """Open-clip layout: visual.* tensors (q/k/v fused) plus a token text tower, in fp16."""
+    hf = clip.state_dict()
+    width = clip.config.hidden_size
+    out = {
+        "visual.patch_embedding.weight": hf["embeddings.patch_embedding.weight"],
+        "visual.cls_embedding": hf["embeddings.class_embedding"].reshape(1, 1, width),
+        "visual.pos_embedding": hf["embeddings.position_embedding.weight"][None],
+        "visual.pre_norm.weight": hf["pre_layrnorm.weight"], "visual.pre_norm.bias": hf["pre_layrnorm.bias"],
+        "visual.post_norm.weight": hf["post_layernorm.weight"], "visual.post_norm.bias": hf["post_layernorm.bias"],
+        "visual.head": torch.randn(width, clip.config.projection_dim),
+        "log_scale": torch.tensor(4.6052),
+        "textual.token_embedding.weight": torch.randn(8, 16),  # the unused text tower, in token form
+    }
+    for n in range(clip.config.num_hidden_layers):
+        src, dst = f"encoder.layers.{n}", f"visual.transformer.{n}"
+        for kind in ("weight", "bias"):
+            out[f"{dst}.attn.to_qkv.{kind}"] = torch.cat([hf[f"{src}.self_attn.{m}_proj.{kind}"] for m in "qkv"])
+            for hf_name, orig in (("layer_norm1", "norm1"), ("self_attn.out_proj", "attn.proj"),
+                                  ("layer_norm2", "norm2"), ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.2")):
+                out[f"{dst}.{orig}.{kind}"] = hf[f"{src}.{hf_name}.{kind}"]
+    torch.save({k: v.to(torch.float16).contiguous() for k, v in out.items()}, path)
+
+
+def _write_tokenizer(folder: Path) -> None:
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in TINY_VOCAB:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+
+
+def _write_wav2vec2(model: Wav2Vec2Model, folder: Path) -> None:
+    """HF layout; the positional conv stored under the legacy weight_g/weight_v names, as in real checkpoints."""
+    model.save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=False).save_pretrained(folder)
+    from safetensors.torch import load_file
+
+    path = folder / "model.safetensors"
+    state = load_file(str(path))
+    legacy = {"encoder.pos_conv_embed.conv.parametrizations.weight.original0": "encoder.pos_conv_embed.conv.weight_g",
+              "encoder.pos_conv_embed.conv.parametrizations.weight.original1": "encoder.pos_conv_embed.conv.weight_v"}
+    save_file({legacy.get(k, k): v for k, v in state.items()}, str(path), metadata={"format": "pt"})
