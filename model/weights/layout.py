@@ -141,40 +141,69 @@ def _original_transformer_files(wan: Path, multitalk_dir: Path, missing: list[st
     return base + [f for f in files if f.name == ADAPTER_FILE]
 
 
-def transformer_rules(layout: WeightsLayout, source: CheckpointFiles) -> dict[str, TensorRule]:
-    """Our parameter name → source tensor, for either layout."""
-    if layout.kind == "multitalk":
+def transformer_rules(key_format: str, source: CheckpointFiles) -> dict[str, TensorRule]:
+    """Our parameter name → source tensor. `key_format`: "original" (Wan/MultiTalk names, layout
+    multitalk) or "diffusers" (diffusers base names; the adapter file keeps MultiTalk's own names)."""
+    if key_format == "original":
         mapping = original_dit_key_map(source.keys())
-    else:  # diffusers base keys as they are; the adapter file keeps MultiTalk's original names
+    else:
         mapping = {k: audio_key_to_ours(k) if is_original_audio_key(k) else k for k in source.keys()}
     return {target: TensorRule(src) for src, target in mapping.items()}
 
 
-def transformer_config(layout: WeightsLayout, rules: dict[str, TensorRule], source: CheckpointFiles) -> dict:
-    config_json = json.loads(layout.transformer_config.read_text())
-    audio_json = json.loads((layout.audio_encoder / "config.json").read_text())
+def transformer_config(config_json: dict, rules: dict[str, TensorRule], source: CheckpointFiles,
+                       audio_encoder_layers: int, audio_encoder_dim: int) -> dict:
     shapes = source.shapes()
     return transformer_config_from_shapes(
         {target: shapes[rule.source] for target, rule in rules.items()},
         heads_from_config(config_json),
-        audio_encoder_layers=int(audio_json["num_hidden_layers"]),
-        audio_encoder_dim=int(audio_json["hidden_size"]),
+        audio_encoder_layers=audio_encoder_layers,
+        audio_encoder_dim=audio_encoder_dim,
         eps=float(config_json.get("eps", 1e-6)),
     )
 
 
-def load_transformer(layout: WeightsLayout, dtype: torch.dtype, device: torch.device | str = "cpu") -> MultiTalkTransformer3DModel:
-    """Build the DiT on the meta device and stream every shard into it (one copy in memory at most)."""
-    source = CheckpointFiles(layout.transformer_files)
-    rules = transformer_rules(layout, source)
+def load_transformer_files(
+    files: list[Path],
+    config_json: dict,
+    key_format: str,
+    *,
+    audio_encoder_layers: int = 12,
+    audio_encoder_dim: int = 768,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    what: str = "MultiTalk transformer",
+) -> MultiTalkTransformer3DModel:
+    """Build the DiT on the meta device and stream the files into it (one copy in memory at most)."""
+    source = CheckpointFiles([Path(f) for f in files])
+    rules = transformer_rules(key_format, source)
     with init_empty_weights():
-        model = MultiTalkTransformer3DModel(**transformer_config(layout, rules, source))
+        model = MultiTalkTransformer3DModel(
+            **transformer_config(config_json, rules, source, audio_encoder_layers, audio_encoder_dim)
+        )
     load_into_empty_model(
-        model, source, rules, dtype=dtype, device=device, keep_in_fp32=model._keep_in_fp32_modules,
-        what=f"MultiTalk transformer ({layout.kind} layout under {layout.root})",
+        model, source, rules, dtype=dtype, device=device, keep_in_fp32=model._keep_in_fp32_modules, what=what
     )
     model.rope.to(device)
     return model.eval()
+
+
+def _audio_encoder_size(layout: WeightsLayout) -> tuple[int, int]:
+    config = json.loads((layout.audio_encoder / "config.json").read_text())
+    return int(config["num_hidden_layers"]), int(config["hidden_size"])
+
+
+def _key_format(layout: WeightsLayout) -> str:
+    return "original" if layout.kind == "multitalk" else "diffusers"
+
+
+def load_transformer(layout: WeightsLayout, dtype: torch.dtype, device: torch.device | str = "cpu") -> MultiTalkTransformer3DModel:
+    layers, dim = _audio_encoder_size(layout)
+    return load_transformer_files(
+        layout.transformer_files, json.loads(layout.transformer_config.read_text()), _key_format(layout),
+        audio_encoder_layers=layers, audio_encoder_dim=dim, dtype=dtype, device=device,
+        what=f"MultiTalk transformer ({layout.kind} layout under {layout.root})",
+    )
 
 
 @dataclass
@@ -238,8 +267,8 @@ def inspect_weights(root: Path, kind: str | None = None) -> dict:
     }
     try:
         source = CheckpointFiles(layout.transformer_files)
-        rules = transformer_rules(layout, source)
-        config = transformer_config(layout, rules, source)
+        rules = transformer_rules(_key_format(layout), source)
+        config = transformer_config(json.loads(layout.transformer_config.read_text()), rules, source, *_audio_encoder_size(layout))
         with init_empty_weights():
             model = MultiTalkTransformer3DModel(**config)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -1,0 +1,333 @@
+"""Parity checks against golden numbers produced by the original MultiTalk code.
+
+Driven only by a folder's `manifest.json` (schema: `multitalk-golden-manifest` v1): for each check,
+dispatch on `kind`, load the named inputs, run our implementation with the check's params, and
+compare every `expected` entry under its tolerance. Nothing about file names, case names, shapes or
+counts is assumed, so other folders of the same format (other configs, seeds, inputs) work too.
+Kinds not implemented yet are reported as SKIPPED with the reason, never as a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from .audio_encoder import Wav2Vec2AudioEncoder
+from .image_encoder import clip_pixel_values, load_clip_from_original
+from .text_encoder import WanTextEncoder, load_umt5_from_original
+from .vae import WanVAE, load_vae_from_original
+from .weights.layout import load_transformer_files
+
+MANIFEST_SCHEMA = "multitalk-golden-manifest"
+
+
+class Skip(Exception):
+    """A check that cannot run here; the message is the reason."""
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str  # PASS | FAIL | SKIPPED
+    max_abs: float = float("nan")
+    max_rel: float = float("nan")
+    reason: str = ""
+    worst: str = ""  # the expected entry with the largest relative error
+
+    def line(self) -> str:
+        status = f"SKIPPED({self.reason})" if self.status == "SKIPPED" else self.status
+        detail = f"  [{self.worst}]" if self.status == "FAIL" and self.worst else ""
+        return f"{self.name} {self.max_abs:.3e} {self.max_rel:.3e} {status}{detail}"
+
+
+class GoldenFolder:
+    """Reads references (tensors, JSON values, whole files) relative to one golden folder."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.manifest = json.loads((self.root / "manifest.json").read_text())
+        if self.manifest.get("schema") != MANIFEST_SCHEMA:
+            raise ValueError(f"{self.root}/manifest.json is not a {MANIFEST_SCHEMA}")
+        self._tensor_files: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _tensors(self, file: str) -> dict[str, torch.Tensor]:
+        if file not in self._tensor_files:
+            self._tensor_files[file] = load_file(str(self.root / file))
+        return self._tensor_files[file]
+
+    def value(self, ref: dict) -> Any:
+        if "tensor" in ref:
+            tensor = self._tensors(ref["file"])[ref["tensor"]]
+            return apply_transform(tensor, ref.get("transform"))
+        if "json_path" in ref:
+            return _json_path(json.loads((self.root / ref["file"]).read_text()), ref["json_path"])
+        return self.root / ref["file"]
+
+    def model_entry(self, name: str) -> dict:
+        return self.manifest["models"][name]
+
+
+def apply_transform(tensor: torch.Tensor, transform: str | None) -> torch.Tensor:
+    if transform is None:
+        return tensor
+    if transform == "first_human":
+        return tensor[:1]
+    if transform == "zero_audio":
+        return torch.zeros_like(tensor)[-1:]
+    raise Skip(f"unknown input transform {transform!r}")
+
+
+def _json_path(value: Any, path: list) -> Any:
+    for i, step in enumerate(path):
+        if step == "*":
+            return [_json_path(item, path[i + 1:]) for item in value]
+        value = value[step]
+    return value
+
+
+def compare(actual: Any, expected: Any, tolerance: dict) -> tuple[float, float, bool]:
+    """(max |a − e|, that relative to max |e|, pass) under `exact` or allclose(atol, rtol)."""
+    a = torch.as_tensor(np.asarray(actual) if not isinstance(actual, torch.Tensor) else actual).double()
+    e = torch.as_tensor(np.asarray(expected) if not isinstance(expected, torch.Tensor) else expected).double()
+    if a.shape != e.shape:
+        return float("inf"), float("inf"), False
+    diff = (a - e).abs()
+    max_abs = diff.max().item() if diff.numel() else 0.0
+    scale = e.abs().max().item() if e.numel() else 0.0
+    max_rel = max_abs / scale if scale else (0.0 if max_abs == 0 else float("inf"))
+    if tolerance.get("exact"):
+        return max_abs, max_rel, bool(torch.equal(a, e))
+    ok = bool(torch.all(diff <= tolerance.get("atol", 0.0) + tolerance.get("rtol", 0.0) * e.abs()))
+    return max_abs, max_rel, ok
+
+
+# ----------------------------------------------------------------------------------------------
+# Models named by the manifest (cached per folder and name).
+
+
+@lru_cache(maxsize=None)
+def _dit(root: str, name: str):
+    entry = json.loads((Path(root) / "manifest.json").read_text())["models"][name]
+    config = json.loads((Path(root) / entry["config"]).read_text())
+    model = load_transformer_files([Path(root) / entry["weights"]], config, "original", what=f"golden DiT {root}")
+    model.compute_unused_reference_maps = True  # the original computes the map in every pass; it is checked
+    return model
+
+
+def _config(folder: GoldenFolder, name: str) -> dict:
+    entry = folder.model_entry(name)
+    return json.loads((folder.root / entry["config"]).read_text()) if "config" in entry else {}
+
+
+def _weights(folder: GoldenFolder, name: str) -> Path:
+    entry = folder.model_entry(name)
+    return folder.root / entry.get("weights_pth", entry["weights"])
+
+
+# Original module path → our module path (diffusers naming).
+_MODULE_MAP = [
+    (r"^patch_embedding$", "patch_embedding"),
+    (r"^time_embedding$", "condition_embedder.time_embedder"),
+    (r"^time_projection$", "condition_embedder.time_proj"),
+    (r"^text_embedding$", "condition_embedder.text_embedder"),
+    (r"^img_emb$", "condition_embedder.image_embedder"),
+    (r"^audio_proj$", "audio_proj"),
+    (r"^blocks\.(\d+)\.self_attn$", r"blocks.\1.attn1"),
+    (r"^blocks\.(\d+)\.cross_attn$", r"blocks.\1.attn2"),
+    (r"^blocks\.(\d+)\.audio_cross_attn$", r"blocks.\1.audio_attn"),
+    (r"^blocks\.(\d+)$", r"blocks.\1"),
+    (r"^head$", "proj_out"),
+]
+
+
+def _our_module(original: str) -> str:
+    for pattern, target in _MODULE_MAP:
+        if re.match(pattern, original):
+            return re.sub(pattern, target, original)
+    raise Skip(f"no counterpart for original module {original}")
+
+
+def run_dit_forward(folder: GoldenFolder, check: dict) -> list:
+    """One transformer call as `WanModel.forward([x], t, [context], seq_len, clip_fea, y, audio, masks)`."""
+    if check["params"].get("teacache"):
+        raise Skip("TeaCache forwards are checked by teacache_decisions")
+    inp = {role: folder.value(ref) for role, ref in check["inputs"].items() if role != "model"}
+    model = _dit(str(folder.root), check["inputs"]["model"])
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+    for entry in check["expected"]:
+        if entry["role"] != "intermediate":
+            continue
+        original, what = entry["tensor"].split(".", 1)[1].rsplit(".", 1)
+        module = model.get_submodule(_our_module(original))
+        key = entry["tensor"]
+        if what == "out":
+            hooks.append(module.register_forward_hook(lambda m, a, out, key=key: captured.__setitem__(key, out)))
+        elif what == "x_ref_attn_map":  # handed to the audio attention as its reference_map argument
+            attn = model.get_submodule(_our_module(original.replace("self_attn", "audio_cross_attn")))
+            hooks.append(attn.register_forward_pre_hook(lambda m, a, key=key: captured.__setitem__(key, a[2][0])))
+        else:
+            raise Skip(f"unknown intermediate {what!r}")
+    try:
+        with torch.no_grad():
+            x = torch.cat([inp["x"], inp["y"][0]], dim=0)[None]
+            out = model(x, inp["t"], inp["context"][None], inp["clip_fea"], inp["audio"][None], inp["ref_target_masks"]).sample
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [out if e["role"] == "out" else captured[e["tensor"]] for e in check["expected"]]
+
+
+def run_t5_encoder(folder: GoldenFolder, check: dict) -> list:
+    inputs = check["inputs"]
+    model = load_umt5_from_original(_weights(folder, inputs["model"]), torch.float32)
+    encoder = WanTextEncoder(model, tokenizer=None, text_len=check["params"]["text_len"])
+    ids, mask = folder.value(inputs["input_ids"]), folder.value(inputs["attention_mask"])
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [model.encoder.embed_tokens.register_forward_hook(lambda m, a, o: captured.__setitem__("token_embedding.out", o))]
+    for n, block in enumerate(model.encoder.block):
+        hooks.append(block.register_forward_hook(lambda m, a, o, n=n: captured.__setitem__(f"blocks.{n}.out", o[0] if isinstance(o, tuple) else o)))
+        bias = block.layer[0].SelfAttention.relative_attention_bias
+        hooks.append(bias.register_forward_hook(
+            lambda m, a, o, n=n: captured.__setitem__(f"blocks.{n}.pos_embedding.out", o.permute(2, 0, 1)[None])))
+    try:
+        with torch.no_grad():
+            captured["encoder_out_padded"] = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            contexts = encoder.encode_ids(ids, mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    results, next_context = [], iter(contexts)
+    for entry in check["expected"]:
+        if entry["role"] == "seq_lens":
+            results.append(mask.gt(0).sum(dim=1))
+        elif entry["role"] == "context":
+            results.append(next(next_context))
+        else:
+            results.append(captured[entry["tensor"].split(".", 1)[1]])
+    return results
+
+
+def run_clip_visual(folder: GoldenFolder, check: dict) -> list:
+    params = check["params"]
+    if params.get("image_size", 224) != 224 or not params.get("use_31_block", True):
+        raise Skip("only the pipeline's 224 px, penultimate-block features are implemented")
+    config = _config(folder, check["inputs"]["model"])
+    heads = config.get("constructor", {}).get("num_heads")
+    encoder = load_clip_from_original(_weights(folder, check["inputs"]["model"]), torch.float32, num_heads=heads,
+                                      skip_last_layer=False)
+    pixels = clip_pixel_values(folder.value(check["inputs"]["image"]))
+    hidden = encoder.hidden_states(pixels)
+    values = {"pixel_values": pixels, "out": hidden[encoder.feature_layer], "full_out": hidden[-1]}
+    results = []
+    for entry in check["expected"]:
+        if entry["role"] != "intermediate":
+            results.append(values[entry["role"]])
+            continue
+        name = entry["tensor"]
+        if name == "visual.pre_norm.out":
+            results.append(hidden[0])
+        elif block := re.match(r"^visual\.transformer\.(\d+)\.out$", name):
+            results.append(hidden[int(block.group(1)) + 1])
+        else:
+            raise Skip(f"unknown CLIP intermediate {name}")
+    return results
+
+
+@lru_cache(maxsize=None)
+def _vae(path: str) -> WanVAE:
+    return WanVAE(load_vae_from_original(Path(path), torch.float32))
+
+
+def _check_vae_constants(folder: GoldenFolder, check: dict, vae: WanVAE) -> None:
+    mean = folder.value(check["inputs"]["latents_mean"]).view(1, -1, 1, 1, 1)
+    inv_std = folder.value(check["inputs"]["latents_inv_std"]).view(1, -1, 1, 1, 1)
+    if not (torch.equal(mean, vae.mean) and torch.equal(inv_std, vae.inv_std)):
+        raise AssertionError("latent mean / 1/std differ from the reference constants")
+
+
+def run_vae_encode(folder: GoldenFolder, check: dict) -> list:
+    vae = _vae(str(_weights(folder, check["inputs"]["model"])))
+    _check_vae_constants(folder, check, vae)
+    video = folder.value(check["inputs"]["video"])
+    with torch.no_grad():
+        mu = vae.vae.encode(video).latent_dist.mode()
+    latent = vae.encode(video)
+    return [{"latent": latent[0], "mu_raw": mu[0]}[e["role"]] for e in check["expected"]]
+
+
+def run_vae_decode(folder: GoldenFolder, check: dict) -> list:
+    vae = _vae(str(_weights(folder, check["inputs"]["model"])))
+    _check_vae_constants(folder, check, vae)
+    chunks: list[torch.Tensor] = []
+    hook = vae.vae.decoder.register_forward_hook(lambda m, a, o: chunks.append(o))  # per-latent-frame, pre-clamp
+    try:
+        decoded = vae.decode(folder.value(check["inputs"]["latent"])[None])
+    finally:
+        hook.remove()
+    raw = torch.cat(chunks, dim=2)
+    return [{"decoded": decoded[0], "decoded_raw": raw[0]}[e["role"]] for e in check["expected"]]
+
+
+def run_w2v_embedding(folder: GoldenFolder, check: dict) -> list:
+    params = check["params"]
+    if params.get("sample_rate", 16000) != 16000 or params.get("fps", 25) != 25:
+        raise Skip("only 16 kHz audio at 25 fps is implemented")
+    entry = folder.model_entry(check["inputs"]["model"])
+    encoder = Wav2Vec2AudioEncoder.from_pretrained(folder.root / entry["dir"])
+    audio = folder.value(check["inputs"]["audio"])
+    features = encoder.encode(audio.numpy() if isinstance(audio, torch.Tensor) else audio)
+    values = {"embedding": features.embedding, "input_values": features.input_values,
+              "conv_features": features.conv_features, "hidden_states": features.hidden_states}
+    results = []
+    for entry in check["expected"]:
+        what = entry["tensor"].rsplit(".", 1)[-1]
+        if what not in values:
+            raise Skip(f"unknown wav2vec2 output {entry['tensor']}")
+        results.append(values[what])
+    return results
+
+
+RUNNERS: dict[str, Callable[[GoldenFolder, dict], list]] = {
+    "dit_forward": run_dit_forward,
+    "t5_encoder": run_t5_encoder,
+    "clip_visual": run_clip_visual,
+    "vae_encode": run_vae_encode,
+    "vae_decode": run_vae_decode,
+    "w2v_embedding": run_w2v_embedding,
+}
+
+
+def run_check(folder: GoldenFolder, check: dict) -> CheckResult:
+    runner = RUNNERS.get(check["kind"])
+    if runner is None:
+        return CheckResult(check["name"], "SKIPPED", reason=f"kind {check['kind']} not implemented yet")
+    try:
+        actuals = runner(folder, check)
+    except Skip as skip:
+        return CheckResult(check["name"], "SKIPPED", reason=str(skip))
+    except Exception as exc:  # a crash is this check's failure, not the end of the run
+        return CheckResult(check["name"], "FAIL", worst=f"{type(exc).__name__}: {exc}")
+    worst_abs, worst_rel, passed, worst = 0.0, 0.0, True, ""
+    for entry, actual in zip(check["expected"], actuals, strict=True):
+        tolerance = entry.get("tolerance", check.get("tolerance", {}))
+        max_abs, max_rel, ok = compare(actual, folder.value(entry), tolerance)
+        if max_rel >= worst_rel:
+            worst = entry.get("tensor", entry.get("role", ""))
+        worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, max_rel)
+        if not ok:
+            passed, worst = False, entry.get("tensor", entry.get("role", ""))
+    return CheckResult(check["name"], "PASS" if passed else "FAIL", worst_abs, worst_rel, worst=worst)
+
+
+def run_all(root: Path, only: str | None = None) -> list[CheckResult]:
+    folder = GoldenFolder(root)
+    return [run_check(folder, c) for c in folder.manifest["checks"] if only is None or re.search(only, c["name"])]
