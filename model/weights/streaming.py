@@ -162,7 +162,12 @@ def load_into_empty_model(
                 raise WeightsError(f"{what}: {source_key} gives shape {tuple(value.shape)} for {target}, expected {expected[target]}")
             keep = value.is_floating_point() and any(part in fp32_modules for part in target.split("."))
             target_dtype = torch.float32 if keep else (dtype if value.is_floating_point() else value.dtype)
-            set_module_tensor_to_device(model, target, device, value=value.to(device=device, dtype=target_dtype).contiguous())
+            placed = value.to(device=device, dtype=target_dtype)
+            if placed.data_ptr() == tensor.data_ptr():
+                # Same device and dtype: still a view into the file (mmap, arbitrary alignment). An own,
+                # aligned copy releases the mapping and keeps matmul results independent of file offsets.
+                placed = placed.clone()
+            set_module_tensor_to_device(model, target, device, value=placed.contiguous())
     source.release()
 
     for target, shared in tied.items():

@@ -120,24 +120,10 @@ def write_tiny_weights(out: Path, layout: str = "multitalk", seed: int = 0) -> P
         raise ValueError(f"layout must be 'multitalk' or 'diffusers', not {layout!r}")
     out = Path(out)
     parts = build_tiny_components(seed)
-    dit_state = {k: v.detach().contiguous() for k, v in parts["dit"].state_dict().items()}
-    to_original = {ours: orig for orig, ours in original_dit_key_map(original_dit_keys(TINY_DIT_LAYERS)).items()}
-    adapter = {to_original[k]: v for k, v in dit_state.items() if is_original_audio_key(to_original[k])}
-    base = {k: v for k, v in dit_state.items() if not is_original_audio_key(to_original[k])}
-
     _write_wav2vec2(parts["wav2vec2"], out / WAV2VEC_DIR)
-    multitalk_dir = out / MULTITALK_DIR
-    multitalk_dir.mkdir(parents=True, exist_ok=True)
-    save_file(adapter, str(multitalk_dir / "multitalk.safetensors"), metadata={"format": "pt"})
-
     if layout == "multitalk":
         wan = out / WAN_ORIGINAL_DIR
-        base_original = {to_original[k]: v for k, v in base.items()}
-        shard_map = _write_shards(base_original, wan, DIT_SHARDS_ORIGINAL)
-        _write_index(wan / "diffusion_pytorch_model.safetensors.index.json", shard_map, base_original)
-        # MultiTalk's replacement index: the Wan shards plus the adapter keys in multitalk.safetensors.
-        replacement = {**shard_map, **{k: "multitalk.safetensors" for k in adapter}}
-        _write_index(multitalk_dir / "diffusion_pytorch_model.safetensors.index.json", replacement, {**base_original, **adapter})
+        write_original_transformer(parts["dit"], wan, out / MULTITALK_DIR, DIT_SHARDS_ORIGINAL)
         config = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": TINY_DIT_DIM, "eps": 1e-6,
                   "ffn_dim": 2 * TINY_DIT_DIM, "freq_dim": 32, "in_dim": 36, "model_type": "i2v",
                   "num_heads": TINY_DIT_HEADS, "num_layers": TINY_DIT_LAYERS, "out_dim": 16, "text_len": 512}
@@ -151,6 +137,8 @@ def write_tiny_weights(out: Path, layout: str = "multitalk", seed: int = 0) -> P
     else:
         wan = out / WAN_DIFFUSERS_DIR
         transformer_dir = wan / "transformer"
+        base, adapter = split_original_adapter(parts["dit"])
+        _write_adapter(adapter, out / MULTITALK_DIR)
         _write_index(transformer_dir / "diffusion_pytorch_model.safetensors.index.json",
                      _write_shards(base, transformer_dir, DIT_SHARDS_DIFFUSERS), base)
         config = {k: v for k, v in parts["dit"].config.items() if not k.startswith(("audio_", "class_", "vae_scale", "_"))}
@@ -168,6 +156,33 @@ def write_tiny_weights(out: Path, layout: str = "multitalk", seed: int = 0) -> P
             "transformer": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"],
         }, indent=2))
     return out
+
+
+def split_original_adapter(dit: MultiTalkTransformer3DModel) -> tuple[dict, dict]:
+    """(base tensors under our names, adapter tensors under MultiTalk's original names)."""
+    state = {k: v.detach().contiguous() for k, v in dit.state_dict().items()}
+    to_original = {ours: orig for orig, ours in original_dit_key_map(original_dit_keys(dit.config.num_layers)).items()}
+    adapter = {to_original[k]: v for k, v in state.items() if is_original_audio_key(to_original[k])}
+    base = {k: v for k, v in state.items() if not is_original_audio_key(to_original[k])}
+    return base, adapter
+
+
+def _write_adapter(adapter: dict[str, torch.Tensor], multitalk_dir: Path) -> None:
+    multitalk_dir.mkdir(parents=True, exist_ok=True)
+    save_file(adapter, str(multitalk_dir / "multitalk.safetensors"), metadata={"format": "pt"})
+
+
+def write_original_transformer(dit: MultiTalkTransformer3DModel, wan_dir: Path, multitalk_dir: Path, shards: int) -> None:
+    """The DiT as published: original-key fp32 shards + index in `wan_dir`, the adapter and MultiTalk's
+    replacement index (Wan shards + adapter keys) in `multitalk_dir`."""
+    base, adapter = split_original_adapter(dit)
+    to_original = {ours: orig for orig, ours in original_dit_key_map(original_dit_keys(dit.config.num_layers)).items()}
+    base_original = {to_original[k]: v for k, v in base.items()}
+    shard_map = _write_shards(base_original, wan_dir, shards)
+    _write_index(wan_dir / "diffusion_pytorch_model.safetensors.index.json", shard_map, base_original)
+    _write_adapter(adapter, multitalk_dir)
+    replacement = {**shard_map, **{k: "multitalk.safetensors" for k in adapter}}
+    _write_index(multitalk_dir / "diffusion_pytorch_model.safetensors.index.json", replacement, {**base_original, **adapter})
 
 
 def _write_shards(state: dict[str, torch.Tensor], folder: Path, shards: int) -> dict[str, str]:
