@@ -39,8 +39,11 @@ class GuidanceInputs:
     def pass_names(self, text_scale: float) -> tuple[str, ...]:
         return ("cond", "drop_text", "uncond") if uses_text_guidance(text_scale) else ("cond", "drop_audio")
 
-    def transformer_kwargs(self, text_scale: float) -> dict:
-        """Everything but latents and timestep for one batched forward of all guidance passes."""
+    def transformer_kwargs(self, text_scale: float, dtype: torch.dtype = torch.float32) -> dict:
+        """Everything but latents and timestep for one batched forward of all guidance passes.
+
+        Built once per clip (the conditioning does not change between steps), in the transformer's dtype.
+        """
         speakers = self.audio.shape[0]
         silent = torch.zeros_like(self.audio)  # the null-audio pass uses the first (zero) stream only
         prompt = F.pad(self.context, (0, 0, 0, TEXT_LEN - self.context.shape[0]))
@@ -51,9 +54,9 @@ class GuidanceInputs:
             texts, audio, counts = [prompt, prompt], [self.audio, silent], [speakers, 1]
         batch = len(texts)
         return {
-            "encoder_hidden_states": torch.stack(texts),
-            "encoder_hidden_states_image": self.image_features.expand(batch, -1, -1),
-            "audio_embeds": torch.stack(audio),
+            "encoder_hidden_states": torch.stack(texts).to(dtype),
+            "encoder_hidden_states_image": self.image_features.expand(batch, -1, -1).to(dtype),
+            "audio_embeds": torch.stack(audio).to(dtype),
             "num_speakers": counts,
             "ref_target_masks": self.ref_target_masks,
         }
@@ -69,13 +72,13 @@ def combine_guidance(predictions: torch.Tensor, text_scale: float, audio_scale: 
 
 
 @torch.no_grad()
-def guided_velocity(transformer, latent_input: torch.Tensor, timestep: torch.Tensor, inputs: GuidanceInputs,
+def guided_velocity(transformer, latent_input: torch.Tensor, timestep: torch.Tensor, batch_kwargs: dict,
                     text_scale: float, audio_scale: float) -> torch.Tensor:
-    """One step's guided prediction: latent_input [1, 36, T, h, w], timestep [1] → [1, 16, T, h, w]."""
-    kwargs = inputs.transformer_kwargs(text_scale)
-    batch = kwargs["encoder_hidden_states"].shape[0]
-    dtype = transformer.dtype
-    kwargs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "ref_target_masks" else v
-              for k, v in kwargs.items()}
-    predictions = transformer(latent_input.to(dtype).expand(batch, -1, -1, -1, -1), timestep.expand(batch), **kwargs).sample
+    """One step's guided prediction: latent_input [1, 36, T, h, w], timestep [1] → [1, 16, T, h, w].
+
+    batch_kwargs: `GuidanceInputs.transformer_kwargs(text_scale, transformer.dtype)`, built once per clip.
+    """
+    batch = len(batch_kwargs["num_speakers"])
+    latents = latent_input.to(transformer.dtype).expand(batch, -1, -1, -1, -1)
+    predictions = transformer(latents, timestep.expand(batch), **batch_kwargs).sample
     return combine_guidance(predictions, text_scale, audio_scale)

@@ -92,9 +92,9 @@ def test_batched_guidance_equals_sequential_passes(tiny_transformer, speakers, t
     inputs = _guidance_inputs(tiny_transformer, speakers, generator)
     latent = torch.randn(1, 36, 3, 8, 8, generator=generator)
     timestep = torch.tensor([700.0])
-    batched = guided_velocity(tiny_transformer, latent, timestep, inputs, text_scale, 4.0)
-
     kwargs = inputs.transformer_kwargs(text_scale)
+    batched = guided_velocity(tiny_transformer, latent, timestep, kwargs, text_scale, 4.0)
+
     assert len(kwargs["num_speakers"]) == len(inputs.pass_names(text_scale))
     assert kwargs["num_speakers"][-1] == 1  # the null-audio pass takes the one-speaker path
     single = []
@@ -149,19 +149,19 @@ def test_block_is_registered_for_diffusers_cache_hooks_and_backends(tiny_transfo
     from diffusers.hooks._helpers import TransformerBlockRegistry
 
     assert TransformerBlockRegistry.get(MultiTalkTransformerBlock).return_hidden_states_index == 0
-    inputs = _guidance_inputs(tiny_transformer, 2, torch.Generator().manual_seed(3))
+    batch_kwargs = _guidance_inputs(tiny_transformer, 2, torch.Generator().manual_seed(3)).transformer_kwargs(5.0)
     latent = torch.randn(1, 36, 3, 8, 8)
-    reference = guided_velocity(tiny_transformer, latent, torch.tensor([900.0]), inputs, 5.0, 4.0)
+    reference = guided_velocity(tiny_transformer, latent, torch.tensor([900.0]), batch_kwargs, 5.0, 4.0)
     tiny_transformer.set_attention_backend("_native_math")
     try:
-        torch.testing.assert_close(guided_velocity(tiny_transformer, latent, torch.tensor([900.0]), inputs, 5.0, 4.0),
+        torch.testing.assert_close(guided_velocity(tiny_transformer, latent, torch.tensor([900.0]), batch_kwargs, 5.0, 4.0),
                                    reference, rtol=1e-4, atol=1e-4)
     finally:
         tiny_transformer.reset_attention_backend()
     tiny_transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))
     try:
         with tiny_transformer.cache_context("cond"):
-            cached = guided_velocity(tiny_transformer, latent, torch.tensor([900.0]), inputs, 5.0, 4.0)
+            cached = guided_velocity(tiny_transformer, latent, torch.tensor([900.0]), batch_kwargs, 5.0, 4.0)
         torch.testing.assert_close(cached, reference, rtol=1e-4, atol=1e-4)
     finally:
         tiny_transformer.disable_cache()
