@@ -18,6 +18,7 @@ folder is honoured when done but never needed, and the user's files are never ed
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from ..text_encoder import WanTextEncoder, load_umt5_from_original, load_umt5_fr
 from ..transformer_multitalk import MultiTalkTransformer3DModel, is_adapter_parameter
 from ..vae import WanVAE, load_vae_from_original, load_vae_from_pretrained
 from .keymaps import TensorRule, audio_key_to_ours, is_original_audio_key, original_dit_key_map
-from .streaming import CheckpointFiles, WeightsError, load_into_empty_model
+from .streaming import CheckpointFiles, WeightsError, load_into_empty_model, plan_problems
 
 WAN_ORIGINAL_DIR = "Wan2.1-I2V-14B-480P"
 WAN_DIFFUSERS_DIR = "Wan2.1-I2V-14B-480P-Diffusers"
@@ -272,14 +273,9 @@ def inspect_weights(root: Path, kind: str | None = None) -> dict:
         with init_empty_weights():
             model = MultiTalkTransformer3DModel(**config)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        report["problems"] += [f"transformer: {problem}" for problem in plan_problems(expected, source, rules)]
         shapes = source.shapes()
-        missing = sorted(set(expected) - set(rules))
-        unexpected = sorted(set(rules) - set(expected))
-        wrong = sorted(t for t, r in rules.items() if t in expected and tuple(shapes[r.source]) != expected[t])
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if names:
-                report["problems"].append(f"transformer: {len(names)} {label} tensor(s): {', '.join(names[:8])}")
-        numel = {t: _numel(shapes[r.source]) for t, r in rules.items()}
+        numel = {t: math.prod(shapes[r.source]) for t, r in rules.items()}
         adapter = sum(n for t, n in numel.items() if is_adapter_parameter(t))
         report["transformer"] = {
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
@@ -291,9 +287,3 @@ def inspect_weights(root: Path, kind: str | None = None) -> dict:
     report["ok"] = not report["problems"]
     return report
 
-
-def _numel(shape) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total

@@ -110,6 +110,29 @@ class CheckpointFiles:
         self._pth.clear()
 
 
+def plan_problems(
+    expected: Mapping[str, tuple[int, ...]], source: CheckpointFiles, rules: Mapping[str, TensorRule]
+) -> list[str]:
+    """Everything that keeps `rules` from filling a model with these expected names → shapes:
+    missing, unexpected, absent from the files, or of the wrong shape. Reads headers only."""
+    shapes = source.shapes()
+    missing = sorted(set(expected) - set(rules))
+    unexpected = sorted(set(rules) - set(expected))
+    absent = sorted({r.source for r in rules.values() if r.source not in shapes})
+    wrong = [
+        f"{rule.source} in {source.file_of(rule.source)} has shape {tuple(shapes[rule.source])}, "
+        f"the model expects {expected[target]} for {target}"
+        for target, rule in sorted(rules.items())
+        if rule.transform is None and target in expected and rule.source in shapes
+        and tuple(shapes[rule.source]) != expected[target]
+    ]
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("not in the files", absent)):
+        if names:
+            problems.append(f"{label} {len(names)} tensor(s): {_preview(names)}")
+    return problems + wrong
+
+
 def load_into_empty_model(
     model: torch.nn.Module,
     source: CheckpointFiles,
@@ -130,25 +153,9 @@ def load_into_empty_model(
     """
     tied = dict(tied or {})
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
-    missing = sorted(set(expected) - set(rules))
-    unexpected = sorted(set(rules) - set(expected))
-    absent = sorted({r.source for r in rules.values() if r.source not in source.shapes()})
-    if missing or unexpected or absent:
-        problems = []
-        if missing:
-            problems.append(f"missing {len(missing)} tensor(s): {_preview(missing)}")
-        if unexpected:
-            problems.append(f"unexpected {len(unexpected)} tensor(s): {_preview(unexpected)}")
-        if absent:
-            problems.append(f"not in the files: {_preview(absent)}")
+    problems = plan_problems(expected, source, rules)
+    if problems:
         raise WeightsError(f"{what}: " + "; ".join(problems))
-    source_shapes = source.shapes()
-    for target, rule in rules.items():
-        if rule.transform is None and tuple(source_shapes[rule.source]) != expected[target]:
-            raise WeightsError(
-                f"{what}: {rule.source} in {source.file_of(rule.source)} has shape "
-                f"{tuple(source_shapes[rule.source])}, the model expects {expected[target]} for {target}"
-            )
 
     fp32_modules = set(keep_in_fp32)
     targets_of: dict[str, list[str]] = defaultdict(list)
@@ -163,8 +170,9 @@ def load_into_empty_model(
             keep = value.is_floating_point() and any(part in fp32_modules for part in target.split("."))
             target_dtype = torch.float32 if keep else (dtype if value.is_floating_point() else value.dtype)
             placed = value.to(device=device, dtype=target_dtype)
-            if placed.data_ptr() == tensor.data_ptr():
-                # Same device and dtype: still a view into the file (mmap, arbitrary alignment). An own,
+            if placed.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+                # Still a view into the file's storage (mmap, arbitrary alignment), possibly through a
+                # reshape or a q/k/v split. An own,
                 # aligned copy releases the mapping and keeps matmul results independent of file offsets.
                 placed = placed.clone()
             set_module_tensor_to_device(model, target, device, value=placed.contiguous())
