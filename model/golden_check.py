@@ -198,10 +198,10 @@ def run_t5_encoder(folder: GoldenFolder, check: dict) -> list:
         bias = block.layer[0].SelfAttention.relative_attention_bias
         hooks.append(bias.register_forward_hook(
             lambda m, a, o, n=n: captured.__setitem__(f"blocks.{n}.pos_embedding.out", o.permute(2, 0, 1)[None])))
+    hooks.append(model.encoder.register_forward_hook(
+        lambda m, a, o: captured.__setitem__("encoder_out_padded", o.last_hidden_state)))
     try:
-        with torch.no_grad():
-            captured["encoder_out_padded"] = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            contexts = encoder.encode_ids(ids, mask)
+        contexts = encoder.encode_ids(ids, mask)
     finally:
         for hook in hooks:
             hook.remove()
@@ -257,10 +257,8 @@ def _check_vae_constants(folder: GoldenFolder, check: dict, vae: WanVAE) -> None
 def run_vae_encode(folder: GoldenFolder, check: dict) -> list:
     vae = _vae(str(_weights(folder, check["inputs"]["model"])))
     _check_vae_constants(folder, check, vae)
-    video = folder.value(check["inputs"]["video"])
-    with torch.no_grad():
-        mu = vae.vae.encode(video).latent_dist.mode()
-    latent = vae.encode(video)
+    mu = vae.posterior_mean(folder.value(check["inputs"]["video"]))
+    latent = vae.normalize(mu)
     return [{"latent": latent[0], "mu_raw": mu[0]}[e["role"]] for e in check["expected"]]
 
 

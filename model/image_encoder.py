@@ -85,7 +85,7 @@ def load_clip_from_pretrained(
         for key in keys:
             target = key.removeprefix("vision_model.")
             block = re.match(r"^encoder\.layers\.(\d+)\.", target)
-            if target.startswith(("post_layernorm.", "visual_projection.")) or target == "embeddings.position_ids":
+            if target.startswith("visual_projection.") or target == "embeddings.position_ids":
                 continue
             if block and int(block.group(1)) >= num_layers:
                 continue

@@ -45,11 +45,17 @@ class WanVAE:
         self.inv_std = 1.0 / torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """[B, 3, F, H, W] in [−1, 1] → normalised latent [B, z, 1 + (F−1)/4, H/8, W/8] (fp32)."""
+    def posterior_mean(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, 3, F, H, W] in [−1, 1] → un-normalised latent mean [B, z, 1 + (F−1)/4, H/8, W/8] (fp32)."""
         video = video.to(device=self.vae.device, dtype=self.vae.dtype)
-        mu = self.vae.encode(video).latent_dist.mode().float()
+        return self.vae.encode(video).latent_dist.mode().float()
+
+    def normalize(self, mu: torch.Tensor) -> torch.Tensor:
         return (mu - self.mean.to(mu.device)) * self.inv_std.to(mu.device)
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, 3, F, H, W] in [−1, 1] → normalised latent (what the transformer sees)."""
+        return self.normalize(self.posterior_mean(video))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     CLIPVisionConfig,
@@ -161,10 +161,15 @@ def write_tiny_weights(out: Path, layout: str = "multitalk", seed: int = 0) -> P
 def split_original_adapter(dit: MultiTalkTransformer3DModel) -> tuple[dict, dict]:
     """(base tensors under our names, adapter tensors under MultiTalk's original names)."""
     state = {k: v.detach().contiguous() for k, v in dit.state_dict().items()}
-    to_original = {ours: orig for orig, ours in original_dit_key_map(original_dit_keys(dit.config.num_layers)).items()}
+    to_original = _original_names(dit)
     adapter = {to_original[k]: v for k, v in state.items() if is_original_audio_key(to_original[k])}
     base = {k: v for k, v in state.items() if not is_original_audio_key(to_original[k])}
     return base, adapter
+
+
+def _original_names(dit: MultiTalkTransformer3DModel) -> dict[str, str]:
+    """Our DiT tensor name → its name in the published original layout."""
+    return {ours: orig for orig, ours in original_dit_key_map(original_dit_keys(dit.config.num_layers)).items()}
 
 
 def _write_adapter(adapter: dict[str, torch.Tensor], multitalk_dir: Path) -> None:
@@ -176,7 +181,7 @@ def write_original_transformer(dit: MultiTalkTransformer3DModel, wan_dir: Path, 
     """The DiT as published: original-key fp32 shards + index in `wan_dir`, the adapter and MultiTalk's
     replacement index (Wan shards + adapter keys) in `multitalk_dir`."""
     base, adapter = split_original_adapter(dit)
-    to_original = {ours: orig for orig, ours in original_dit_key_map(original_dit_keys(dit.config.num_layers)).items()}
+    to_original = _original_names(dit)
     base_original = {to_original[k]: v for k, v in base.items()}
     shard_map = _write_shards(base_original, wan_dir, shards)
     _write_index(wan_dir / "diffusion_pytorch_model.safetensors.index.json", shard_map, base_original)
@@ -252,8 +257,6 @@ def _write_wav2vec2(model: Wav2Vec2Model, folder: Path) -> None:
     model.save_pretrained(folder)
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                              return_attention_mask=False).save_pretrained(folder)
-    from safetensors.torch import load_file
-
     path = folder / "model.safetensors"
     state = load_file(str(path))
     legacy = {"encoder.pos_conv_embed.conv.parametrizations.weight.original0": "encoder.pos_conv_embed.conv.weight_g",
