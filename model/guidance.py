@@ -36,9 +36,6 @@ class GuidanceInputs:
     audio: torch.Tensor  # [P, F, window, layers, dim] audio windows of the clip
     ref_target_masks: torch.Tensor  # [3, h, w]
 
-    def pass_names(self, text_scale: float) -> tuple[str, ...]:
-        return ("cond", "drop_text", "uncond") if uses_text_guidance(text_scale) else ("cond", "drop_audio")
-
     def transformer_kwargs(self, text_scale: float, dtype: torch.dtype = torch.float32) -> dict:
         """Everything but latents and timestep for one batched forward of all guidance passes.
 
@@ -63,7 +60,7 @@ class GuidanceInputs:
 
 
 def combine_guidance(predictions: torch.Tensor, text_scale: float, audio_scale: float) -> torch.Tensor:
-    """[passes, ...] predictions in `pass_names` order → the guided velocity [...]."""
+    """Vanilla CFG: [passes, ...] predictions in `pass_names` order → the guided velocity [...]."""
     if uses_text_guidance(text_scale):
         cond, drop_text, uncond = predictions.unbind(0)
         return uncond + text_scale * (cond - drop_text) + audio_scale * (drop_text - uncond)
@@ -71,14 +68,84 @@ def combine_guidance(predictions: torch.Tensor, text_scale: float, audio_scale: 
     return drop_audio + audio_scale * (cond - drop_audio)
 
 
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """Guidance scales and APG options (defaults: the original's CLI)."""
+
+    text_scale: float = 5.0
+    audio_scale: float = 4.0
+    use_apg: bool = False
+    apg_momentum: float = -0.75
+    apg_norm_threshold: float = 55.0
+
+    @property
+    def pass_names(self) -> tuple[str, ...]:
+        return ("cond", "drop_text", "uncond") if uses_text_guidance(self.text_scale) else ("cond", "drop_audio")
+
+
+class MomentumBuffer:
+    """APG's running average of a guidance difference: running = Δ + momentum·running (0 at clip start)."""
+
+    def __init__(self, momentum: float):
+        self.momentum = momentum
+        self.running: torch.Tensor | float = 0.0
+
+    def update(self, diff: torch.Tensor) -> torch.Tensor:
+        self.running = diff + self.momentum * self.running
+        return self.running
+
+
+def adaptive_projected_guidance(diff: torch.Tensor, pred_cond: torch.Tensor, buffer: MomentumBuffer,
+                                norm_threshold: float, eta: float = 0.0) -> torch.Tensor:
+    """APG (arXiv 2410.02416) on [B, C, T, H, W]: momentum, norm clamp, then drop the part parallel to v_cond.
+
+    Norms and projections run over C, T, H, W per batch item; the projection in float64, as the original.
+    """
+    diff = buffer.update(diff)
+    dims = [-1, -2, -3, -4]
+    if norm_threshold > 0:
+        norm = diff.norm(p=2, dim=dims, keepdim=True)
+        diff = diff * torch.minimum(torch.ones_like(diff), norm_threshold / norm)
+    unit = F.normalize(pred_cond.double(), dim=dims)
+    diff64 = diff.double()
+    parallel = (diff64 * unit).sum(dim=dims, keepdim=True) * unit
+    orthogonal = (diff64 - parallel).to(diff.dtype)
+    return orthogonal + eta * parallel.to(diff.dtype)
+
+
+class GuidanceCombiner:
+    """Turns one step's pass predictions into the guided velocity; create one per clip (APG momentum resets)."""
+
+    def __init__(self, config: GuidanceConfig):
+        self.config = config
+        self.text_buffer = MomentumBuffer(config.apg_momentum)
+        self.audio_buffer = MomentumBuffer(config.apg_momentum)
+
+    def __call__(self, predictions: torch.Tensor) -> torch.Tensor:
+        """[passes, C, T, H, W] in `config.pass_names` order → [1, C, T, H, W]."""
+        cfg = self.config
+        if not cfg.use_apg:
+            return combine_guidance(predictions, cfg.text_scale, cfg.audio_scale)[None]
+        preds = predictions[:, None]  # [passes, 1, C, T, H, W]: APG norms are per sample
+        threshold = cfg.apg_norm_threshold
+        if uses_text_guidance(cfg.text_scale):
+            cond, drop_text, uncond = preds.unbind(0)
+            text = adaptive_projected_guidance(cond - drop_text, cond, self.text_buffer, threshold)
+            audio = adaptive_projected_guidance(drop_text - uncond, cond, self.audio_buffer, threshold)
+            return cond + (cfg.text_scale - 1) * text + (cfg.audio_scale - 1) * audio
+        cond, drop_audio = preds.unbind(0)
+        audio = adaptive_projected_guidance(cond - drop_audio, cond, self.audio_buffer, threshold)
+        return cond + (cfg.audio_scale - 1) * audio
+
+
 @torch.no_grad()
 def guided_velocity(transformer, latent_input: torch.Tensor, timestep: torch.Tensor, batch_kwargs: dict,
-                    text_scale: float, audio_scale: float) -> torch.Tensor:
+                    combiner: GuidanceCombiner, block_cache=None) -> torch.Tensor:
     """One step's guided prediction: latent_input [1, 36, T, h, w], timestep [1] → [1, 16, T, h, w].
 
     batch_kwargs: `GuidanceInputs.transformer_kwargs(text_scale, transformer.dtype)`, built once per clip.
     """
     batch = len(batch_kwargs["num_speakers"])
     latents = latent_input.to(transformer.dtype).expand(batch, -1, -1, -1, -1)
-    predictions = transformer(latents, timestep.expand(batch), **batch_kwargs).sample
-    return combine_guidance(predictions, text_scale, audio_scale)
+    predictions = transformer(latents, timestep.expand(batch), **batch_kwargs, block_cache=block_cache).sample
+    return combiner(predictions)

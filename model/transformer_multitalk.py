@@ -13,7 +13,7 @@ S = T·N_h·N_w tokens, P speakers, F = 4(T−1)+1 video frames.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -229,6 +229,7 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         audio_embeds: torch.Tensor,
         ref_target_masks: torch.Tensor,
         num_speakers: Sequence[int] | None = None,
+        block_cache: Callable | None = None,
         return_dict: bool = True,
         attention_kwargs: dict | None = None,
     ) -> torch.Tensor | Transformer2DModelOutput:
@@ -241,6 +242,8 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         ref_target_masks: [3, h, w] or [B, 3, h, w] person 1 / person 2 / background masks.
         num_speakers: speakers per batch item (default P for all); an item with fewer uses only its
         first streams, e.g. the null-audio guidance pass (1 zero stream) batched with 2-speaker passes.
+        block_cache: optional `(hidden_states, temb, timestep_proj, run_blocks) → hidden_states` that may
+        replay cached block residuals instead of running the stack (TeaCache).
         Returns the flow-matching velocity [B, 16, T, h, w] in fp32.
         """
         batch, _, frames, height, width = hidden_states.shape
@@ -261,8 +264,16 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         context = torch.cat([encoder_hidden_states_image, encoder_hidden_states], dim=1).to(hidden_states.dtype)
 
         audio = self._audio_conditioning(audio_embeds, num_speakers, ref_target_masks, grid, hidden_states.dtype)
-        for block in self.blocks:
-            hidden_states = block(hidden_states, context, timestep_proj, rotary_emb, audio)
+
+        def run_blocks(states: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                states = block(states, context, timestep_proj, rotary_emb, audio)
+            return states
+
+        if block_cache is None:
+            hidden_states = run_blocks(hidden_states)
+        else:
+            hidden_states = block_cache(hidden_states, temb, timestep_proj, run_blocks)
 
         shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)

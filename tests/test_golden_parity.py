@@ -9,7 +9,7 @@ import pytest
 
 from conftest import GOLDEN_DIR
 
-from model.golden_check import RUNNERS, GoldenFolder, run_check
+from model.golden import RUNNERS, GoldenFolder, run_check
 
 ROOT = Path(__file__).resolve().parents[1]
 

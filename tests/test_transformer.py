@@ -6,7 +6,7 @@ from accelerate import init_empty_weights
 
 from model.audio_attention import apply_rope_1d, label_rope_positions
 from model.configs import MULTITALK_14B
-from model.guidance import GuidanceInputs, combine_guidance, guided_velocity
+from model.guidance import GuidanceCombiner, GuidanceConfig, GuidanceInputs, combine_guidance, guided_velocity
 from model.reference_attention import reference_attention_map
 from model.transformer_multitalk import MultiTalkTransformer3DModel, MultiTalkTransformerBlock
 from model.weights.keymaps import original_dit_key_map
@@ -93,9 +93,9 @@ def test_batched_guidance_equals_sequential_passes(tiny_transformer, speakers, t
     latent = torch.randn(1, 36, 3, 8, 8, generator=generator)
     timestep = torch.tensor([700.0])
     kwargs = inputs.transformer_kwargs(text_scale)
-    batched = guided_velocity(tiny_transformer, latent, timestep, kwargs, text_scale, 4.0)
+    batched = guided_velocity(tiny_transformer, latent, timestep, kwargs, GuidanceCombiner(GuidanceConfig(text_scale, 4.0)))
 
-    assert len(kwargs["num_speakers"]) == len(inputs.pass_names(text_scale))
+    assert len(kwargs["num_speakers"]) == len(GuidanceConfig(text_scale).pass_names)
     assert kwargs["num_speakers"][-1] == 1  # the null-audio pass takes the one-speaker path
     single = []
     with torch.no_grad():
@@ -103,7 +103,7 @@ def test_batched_guidance_equals_sequential_passes(tiny_transformer, speakers, t
             single.append(tiny_transformer(
                 latent, timestep, kwargs["encoder_hidden_states"][i:i + 1], kwargs["encoder_hidden_states_image"][i:i + 1],
                 kwargs["audio_embeds"][i:i + 1, :count], kwargs["ref_target_masks"]).sample)
-    sequential = combine_guidance(torch.cat(single), text_scale, 4.0)
+    sequential = combine_guidance(torch.cat(single), text_scale, 4.0)[None]
     torch.testing.assert_close(batched, sequential, rtol=1e-4, atol=1e-4 * sequential.abs().max().item())
 
 
@@ -151,17 +151,17 @@ def test_block_is_registered_for_diffusers_cache_hooks_and_backends(tiny_transfo
     assert TransformerBlockRegistry.get(MultiTalkTransformerBlock).return_hidden_states_index == 0
     batch_kwargs = _guidance_inputs(tiny_transformer, 2, torch.Generator().manual_seed(3)).transformer_kwargs(5.0)
     latent = torch.randn(1, 36, 3, 8, 8)
-    reference = guided_velocity(tiny_transformer, latent, torch.tensor([900.0]), batch_kwargs, 5.0, 4.0)
+    reference = guided_velocity(tiny_transformer, latent, torch.tensor([900.0]), batch_kwargs, GuidanceCombiner(GuidanceConfig()))
     tiny_transformer.set_attention_backend("_native_math")
     try:
-        torch.testing.assert_close(guided_velocity(tiny_transformer, latent, torch.tensor([900.0]), batch_kwargs, 5.0, 4.0),
+        torch.testing.assert_close(guided_velocity(tiny_transformer, latent, torch.tensor([900.0]), batch_kwargs, GuidanceCombiner(GuidanceConfig())),
                                    reference, rtol=1e-4, atol=1e-4)
     finally:
         tiny_transformer.reset_attention_backend()
     tiny_transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))
     try:
         with tiny_transformer.cache_context("cond"):
-            cached = guided_velocity(tiny_transformer, latent, torch.tensor([900.0]), batch_kwargs, 5.0, 4.0)
+            cached = guided_velocity(tiny_transformer, latent, torch.tensor([900.0]), batch_kwargs, GuidanceCombiner(GuidanceConfig()))
         torch.testing.assert_close(cached, reference, rtol=1e-4, atol=1e-4)
     finally:
         tiny_transformer.disable_cache()

@@ -1,120 +1,24 @@
-"""Parity checks against golden numbers produced by the original MultiTalk code.
-
-Driven only by a folder's `manifest.json` (schema: `multitalk-golden-manifest` v1): for each check,
-dispatch on `kind`, load the named inputs, run our implementation with the check's params, and
-compare every `expected` entry under its tolerance. Nothing about file names, case names, shapes or
-counts is assumed, so other folders of the same format (other configs, seeds, inputs) work too.
-Kinds not implemented yet are reported as SKIPPED with the reason, never as a crash.
-"""
+"""Golden runners for the model parts: transformer forward, T5, CLIP, VAE, wav2vec2."""
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
 
-import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from .audio_encoder import Wav2Vec2AudioEncoder
-from .image_encoder import clip_pixel_values, load_clip_from_original
-from .text_encoder import WanTextEncoder, load_umt5_from_original
-from .vae import WanVAE, load_vae_from_original
-from .weights.layout import load_transformer_files
-
-MANIFEST_SCHEMA = "multitalk-golden-manifest"
-
-
-class Skip(Exception):
-    """A check that cannot run here; the message is the reason."""
-
-
-@dataclass
-class CheckResult:
-    name: str
-    status: str  # PASS | FAIL | SKIPPED
-    max_abs: float = float("nan")
-    max_rel: float = float("nan")
-    reason: str = ""
-    worst: str = ""  # the expected entry with the largest relative error
-
-    def line(self) -> str:
-        status = f"SKIPPED({self.reason})" if self.status == "SKIPPED" else self.status
-        detail = f"  [{self.worst}]" if self.status == "FAIL" and self.worst else ""
-        return f"{self.name} {self.max_abs:.3e} {self.max_rel:.3e} {status}{detail}"
-
-
-class GoldenFolder:
-    """Reads references (tensors, JSON values, whole files) relative to one golden folder."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.manifest = json.loads((self.root / "manifest.json").read_text())
-        if self.manifest.get("schema") != MANIFEST_SCHEMA:
-            raise ValueError(f"{self.root}/manifest.json is not a {MANIFEST_SCHEMA}")
-        self._tensor_files: dict[str, dict[str, torch.Tensor]] = {}
-
-    def _tensors(self, file: str) -> dict[str, torch.Tensor]:
-        if file not in self._tensor_files:
-            self._tensor_files[file] = load_file(str(self.root / file))
-        return self._tensor_files[file]
-
-    def value(self, ref: dict) -> Any:
-        if "tensor" in ref:
-            tensor = self._tensors(ref["file"])[ref["tensor"]]
-            return apply_transform(tensor, ref.get("transform"))
-        if "json_path" in ref:
-            return _json_path(json.loads((self.root / ref["file"]).read_text()), ref["json_path"])
-        return self.root / ref["file"]
-
-    def model_entry(self, name: str) -> dict:
-        return self.manifest["models"][name]
-
-
-def apply_transform(tensor: torch.Tensor, transform: str | None) -> torch.Tensor:
-    if transform is None:
-        return tensor
-    if transform == "first_human":
-        return tensor[:1]
-    if transform == "zero_audio":
-        return torch.zeros_like(tensor)[-1:]
-    raise Skip(f"unknown input transform {transform!r}")
-
-
-def _json_path(value: Any, path: list) -> Any:
-    for i, step in enumerate(path):
-        if step == "*":
-            return [_json_path(item, path[i + 1:]) for item in value]
-        value = value[step]
-    return value
-
-
-def compare(actual: Any, expected: Any, tolerance: dict) -> tuple[float, float, bool]:
-    """(max |a − e|, that relative to max |e|, pass) under `exact` or allclose(atol, rtol)."""
-    a = torch.as_tensor(np.asarray(actual) if not isinstance(actual, torch.Tensor) else actual).double()
-    e = torch.as_tensor(np.asarray(expected) if not isinstance(expected, torch.Tensor) else expected).double()
-    if a.shape != e.shape:
-        return float("inf"), float("inf"), False
-    diff = (a - e).abs()
-    max_abs = diff.max().item() if diff.numel() else 0.0
-    scale = e.abs().max().item() if e.numel() else 0.0
-    max_rel = max_abs / scale if scale else (0.0 if max_abs == 0 else float("inf"))
-    if tolerance.get("exact"):
-        return max_abs, max_rel, bool(torch.equal(a, e))
-    ok = bool(torch.all(diff <= tolerance.get("atol", 0.0) + tolerance.get("rtol", 0.0) * e.abs()))
-    return max_abs, max_rel, ok
-
-
-# ----------------------------------------------------------------------------------------------
-# Models named by the manifest (cached per folder and name).
+from ..audio_encoder import Wav2Vec2AudioEncoder
+from ..image_encoder import clip_pixel_values, load_clip_from_original
+from ..text_encoder import WanTextEncoder, load_umt5_from_original
+from ..vae import WanVAE, load_vae_from_original
+from ..weights.layout import load_transformer_files
+from .folder import GoldenFolder, Skip
 
 
 @lru_cache(maxsize=None)
-def _dit(root: str, name: str):
+def dit_model(root: str, name: str):
     entry = json.loads((Path(root) / "manifest.json").read_text())["models"][name]
     config = json.loads((Path(root) / entry["config"]).read_text())
     model = load_transformer_files([Path(root) / entry["weights"]], config, "original", what=f"golden DiT {root}")
@@ -160,7 +64,7 @@ def run_dit_forward(folder: GoldenFolder, check: dict) -> list:
     if check["params"].get("teacache"):
         raise Skip("TeaCache forwards are checked by teacache_decisions")
     inp = {role: folder.value(ref) for role, ref in check["inputs"].items() if role != "model"}
-    model = _dit(str(folder.root), check["inputs"]["model"])
+    model = dit_model(str(folder.root), check["inputs"]["model"])
     captured: dict[str, torch.Tensor] = {}
     hooks = []
     for entry in check["expected"]:
@@ -294,7 +198,7 @@ def run_w2v_embedding(folder: GoldenFolder, check: dict) -> list:
     return results
 
 
-RUNNERS: dict[str, Callable[[GoldenFolder, dict], list]] = {
+MODEL_RUNNERS = {
     "dit_forward": run_dit_forward,
     "t5_encoder": run_t5_encoder,
     "clip_visual": run_clip_visual,
@@ -302,30 +206,3 @@ RUNNERS: dict[str, Callable[[GoldenFolder, dict], list]] = {
     "vae_decode": run_vae_decode,
     "w2v_embedding": run_w2v_embedding,
 }
-
-
-def run_check(folder: GoldenFolder, check: dict) -> CheckResult:
-    runner = RUNNERS.get(check["kind"])
-    if runner is None:
-        return CheckResult(check["name"], "SKIPPED", reason=f"kind {check['kind']} not implemented yet")
-    try:
-        actuals = runner(folder, check)
-    except Skip as skip:
-        return CheckResult(check["name"], "SKIPPED", reason=str(skip))
-    except Exception as exc:  # a crash is this check's failure, not the end of the run
-        return CheckResult(check["name"], "FAIL", worst=f"{type(exc).__name__}: {exc}")
-    worst_abs, worst_rel, passed, worst = 0.0, 0.0, True, ""
-    for entry, actual in zip(check["expected"], actuals, strict=True):
-        tolerance = entry.get("tolerance", check.get("tolerance", {}))
-        max_abs, max_rel, ok = compare(actual, folder.value(entry), tolerance)
-        if max_rel >= worst_rel:
-            worst = entry.get("tensor", entry.get("role", ""))
-        worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, max_rel)
-        if not ok:
-            passed, worst = False, entry.get("tensor", entry.get("role", ""))
-    return CheckResult(check["name"], "PASS" if passed else "FAIL", worst_abs, worst_rel, worst=worst)
-
-
-def run_all(root: Path, only: str | None = None) -> list[CheckResult]:
-    folder = GoldenFolder(root)
-    return [run_check(folder, c) for c in folder.manifest["checks"] if only is None or re.search(only, c["name"])]
