@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 MANIFEST_SCHEMA = "multitalk-golden-manifest"
@@ -55,6 +56,9 @@ class GoldenFolder:
             return apply_transform(tensor, ref.get("transform"))
         if "json_path" in ref:
             return _json_path(json.loads((self.root / ref["file"]).read_text()), ref["json_path"])
+        if ref.get("format") == "png":  # compare decoded RGB uint8 pixels
+            with Image.open(self.root / ref["file"]) as image:
+                return np.asarray(image.convert("RGB"))
         return self.root / ref["file"]
 
     def model_entry(self, name: str) -> dict:
@@ -93,8 +97,8 @@ def compare(actual: Any, expected: Any, tolerance: dict) -> tuple[float, float, 
     if not _is_numeric(expected):
         equal = actual == expected
         return (0.0, 0.0, True) if equal else (float("inf"), float("inf"), False)
-    a = torch.as_tensor(np.asarray(actual) if not isinstance(actual, torch.Tensor) else actual).double()
-    e = torch.as_tensor(np.asarray(expected) if not isinstance(expected, torch.Tensor) else expected).double()
+    a = torch.as_tensor(np.array(actual) if not isinstance(actual, torch.Tensor) else actual).double()
+    e = torch.as_tensor(np.array(expected) if not isinstance(expected, torch.Tensor) else expected).double()
     if a.shape != e.shape:
         return float("inf"), float("inf"), False
     diff = (a - e).abs()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..audio_input import combine_speakers, decode_audio, loudness_normalize, resample, to_mono
 from ..guidance import GuidanceConfig, GuidanceInputs
+from ..image_input import choose_bucket, load_image, pixels_to_tensor, resize_and_center_crop
 from ..long_video import ClipPlan, clip_audio, frame_mask, plan_clips
 from ..schedule import sampling_timesteps
 from ..teacache import TeaCache, TeaCacheConfig
+from ..person_masks import boxes_from_original_bbox, person_masks
 from ..video_generation import SamplingSettings, VideoConditioning, generate_video_clips
 from .folder import GoldenFolder, Skip
 from .model_checks import dit_model
@@ -20,6 +23,49 @@ def _resolution(bucket: str) -> str:
     if bucket not in _RESOLUTION:
         raise Skip(f"unknown bucket {bucket!r}")
     return _RESOLUTION[bucket]
+
+
+def run_audio_load(folder: GoldenFolder, check: dict) -> list:
+    p = check["params"]
+    if p.get("resampler", "soxr_hq") != "soxr_hq" or not p.get("mono", True):
+        raise Skip("only librosa's default soxr_hq resampling to mono is implemented")
+    samples, rate = decode_audio(folder.value(check["inputs"]["wav"]), "wav")
+    return [resample(to_mono(samples), rate, p["sample_rate"])]
+
+
+def run_loudness_norm(folder: GoldenFolder, check: dict) -> list:
+    p = check["params"]
+    audio = folder.value(check["inputs"]["audio"]).numpy()
+    return [loudness_normalize(audio, p["sample_rate"], p["target_lufs"])]
+
+
+def run_audio_prepare(folder: GoldenFolder, check: dict) -> list:
+    """Two speakers' normalised tracks → each person's track and the mix (`add` or `para`)."""
+    tracks = [folder.value(check["inputs"][role]).numpy() for role in ("audio1", "audio2")]
+    combined = combine_speakers(tracks, check["params"]["mode"])
+    values = {"person1": combined.per_speaker[0], "person2": combined.per_speaker[1], "sum": combined.mix}
+    return [values[e["role"]] for e in check["expected"]]
+
+
+def _bucketed(folder: GoldenFolder, check: dict):
+    image = load_image(folder.value(check["inputs"]["image"]), "image")
+    key, target_hw = choose_bucket(image.height, image.width, _resolution(check["params"]["bucket"]))
+    return image, key, target_hw
+
+
+def run_bucket_crop(folder: GoldenFolder, check: dict) -> list:
+    image, key, target_hw = _bucketed(folder, check)
+    values = {"crop": resize_and_center_crop(image, target_hw), "bucket_key": key, "target_hw": list(target_hw)}
+    return [values[e["role"]] for e in check["expected"]]
+
+
+def run_human_masks(folder: GoldenFolder, check: dict) -> list:
+    p = check["params"]
+    image, _, target_hw = _bucketed(folder, check)
+    boxes = boxes_from_original_bbox(p["bbox"]) if p.get("bbox") else None
+    masks = person_masks((image.height, image.width), target_hw, (target_hw[0] // 8, target_hw[1] // 8),
+                         p["n_people"], boxes, face_scale=p["face_scale"])
+    return [masks for _ in check["expected"]]
 
 
 def run_schedule(folder: GoldenFolder, check: dict) -> list:
@@ -140,9 +186,6 @@ _VAE_STANDINS = {"zero_encode_identity_decode": ZeroEncodeIdentityDecode, "pool_
 
 def run_e2e_sampling(folder: GoldenFolder, check: dict) -> list:
     """The original's `generate()` with the tiny DiT and its stand-in T5 / CLIP / VAE."""
-    from ..image_input import choose_bucket, load_image, pixels_to_tensor, resize_and_center_crop
-    from ..person_masks import boxes_from_original_bbox, person_masks
-
     p, inputs = check["params"], check["inputs"]
     if p["vae_standin"] not in _VAE_STANDINS:
         raise Skip(f"unknown VAE stand-in {p['vae_standin']!r}")
@@ -184,6 +227,12 @@ def run_e2e_sampling(folder: GoldenFolder, check: dict) -> list:
 
 
 PIPELINE_RUNNERS = {
+    "audio_load": run_audio_load,
+    "loudness_norm": run_loudness_norm,
+    "audio_prepare_add": run_audio_prepare,
+    "audio_prepare_para": run_audio_prepare,
+    "bucket_crop": run_bucket_crop,
+    "human_masks": run_human_masks,
     "schedule": run_schedule,
     "latent_init": run_latent_init,
     "audio_windows": run_audio_windows,
