@@ -11,12 +11,14 @@ then written:
 
 plus `MeiGen-MultiTalk/` (audio adapter + replacement index) and `chinese-wav2vec2-base/`, shared by
 both layouts. The same seed gives the same numbers in both layouts (values are rounded to the dtype
-of the original files first), so both load to identical models.
+of the original files first), so both load to identical models. `write_tiny_lora` writes a random
+LoRA for such a transformer in the key format of the published distilled LoRAs.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -170,6 +172,43 @@ def split_original_adapter(dit: MultiTalkTransformer3DModel) -> tuple[dict, dict
 def _original_names(dit: MultiTalkTransformer3DModel) -> dict[str, str]:
     """Our DiT tensor name → its name in the published original layout."""
     return {ours: orig for orig, ours in original_dit_key_map(original_dit_keys(dit.config.num_layers)).items()}
+
+
+def write_tiny_lora(
+    path: Path, transformer: MultiTalkTransformer3DModel, rank: int = 4, seed: int = 0, alpha: float | None = None,
+    with_diffs: bool = True,
+) -> Path:
+    """A random LoRA for `transformer` laid out like the published distilled ones (FusionX, lightx2v).
+
+    Keys `diffusion_model.<original module>.lora_down.weight` [rank, in] / `.lora_up.weight` [out, rank]
+    (+ `.alpha` when given) on every attention and feed-forward Linear of the blocks; `with_diffs` adds
+    full deltas as those files carry them: `.diff_b` on the same Linears, `.diff` on two norms per
+    block, `.diff` and `.diff_b` on the head. Original names come from inverting the loader's key map.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    original = _original_names(transformer)
+    state = transformer.state_dict()
+    lora: dict[str, torch.Tensor] = {}
+    deltas = ["proj_out.weight", "proj_out.bias"]
+    for n in range(transformer.config.num_layers):
+        deltas += [f"blocks.{n}.norm2.weight", f"blocks.{n}.attn1.norm_q.weight"]
+    for name, layer in transformer.named_modules():
+        if isinstance(layer, torch.nn.Linear) and re.match(r"blocks\.\d+\.(attn1|attn2|ffn)\.", name):
+            module = "diffusion_model." + original[f"{name}.weight"].removesuffix(".weight")
+            lora[f"{module}.lora_down.weight"] = torch.randn(rank, layer.in_features, generator=generator) / layer.in_features**0.5
+            lora[f"{module}.lora_up.weight"] = torch.randn(layer.out_features, rank, generator=generator) * 0.1
+            if alpha is not None:
+                lora[f"{module}.alpha"] = torch.tensor(float(alpha))
+            deltas.append(f"{name}.bias")
+    if with_diffs:
+        for ours in deltas:
+            module, kind = original[ours].rsplit(".", 1)
+            role = {"weight": "diff", "bias": "diff_b"}[kind]
+            lora[f"diffusion_model.{module}.{role}"] = torch.randn(state[ours].shape, generator=generator) * 0.02
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(lora, str(path), metadata={"format": "pt"})
+    return path
 
 
 def _write_adapter(adapter: dict[str, torch.Tensor], multitalk_dir: Path) -> None:
