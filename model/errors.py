@@ -16,3 +16,7 @@ class InputError(ValueError):
         self.field = field
         self.reason = reason
         self.kind = kind
+
+
+class GenerationCancelled(RuntimeError):
+    """The caller's cancel check asked to stop; raised between denoising steps."""

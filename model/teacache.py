@@ -12,7 +12,7 @@ A cache object lives for one clip (the original's counter wraps at every clip bo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np

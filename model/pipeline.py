@@ -1,0 +1,267 @@
+"""The generation pipeline: load the models once, then turn requests into MP4 files.
+
+`Pipeline.generate(GenerationRequest)` is the one seam between the server (or the CLI) and the model:
+inputs are local files plus options, a progress callback and a cancel check travel with the call, and
+a `GenerationResult` (the MP4's path, the seed, timings, the settings used) comes back. Every problem
+with the inputs raises `InputError` naming the request field, before any sampling starts.
+
+Flow: audio (decode, 16 kHz, loudness, speakers on one timeline of exactly the video's length) →
+wav2vec2 features; image (bucket, crop) → reference; people → masks; prompt → UMT5; then clip by clip
+sampling (`video_generation`) with the frames streamed into one H.264 + AAC encode.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .acceleration import ACCELERATIONS, SamplingRecipe, recipe_for
+from .audio_input import SAMPLES_PER_FRAME, combine_speakers, fit_length, load_speech
+from .errors import GenerationCancelled, InputError
+from .guidance import GuidanceConfig
+from .image_input import RESOLUTIONS, choose_bucket, load_image, pixels_to_tensor, resize_and_center_crop
+from .long_video import ClipPlan, plan_clips
+from .lora import load_lora, loaded_loras, use_lora
+from .person_masks import Box, detect_speaker_boxes, person_masks, validate_boxes
+from .schedule import sampling_timesteps
+from .teacache import TeaCacheConfig
+from .video_generation import SamplingSettings, VideoConditioning, generate_video_clips
+from .video_output import Mp4Writer, frames_to_uint8
+from .weights.layout import MultiTalkComponents, Precision, find_layout, load_components
+
+logger = logging.getLogger(__name__)
+
+NUM_FRAMES_RANGE = (41, 241)
+MAX_SEED = 2**31 - 1
+# The original's default negative prompt for multitalk-14B (spec §7).
+DEFAULT_NEGATIVE_PROMPT = (
+    "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards"
+)
+
+
+@dataclass
+class GenerationRequest:
+    """Validated-on-use inputs of one video; field names follow the hosted API where it has them."""
+
+    image: Path  # image_url
+    audio: Sequence[Path]  # first_audio_url[, second_audio_url]: person 1 (left), person 2 (right)
+    prompt: str
+    output: Path
+    num_frames: int = 181
+    resolution: str = "480p"
+    seed: int | None = None
+    acceleration: str = "regular"
+    use_only_first_audio: bool = False
+    # Extensions beyond the hosted API:
+    audio_mode: str = "add"  # "add": speakers take turns (first, then second); "para": both at once
+    speaker_boxes: Sequence[Box] | None = None  # [x_min, y_min, x_max, y_max] per speaker, image pixels
+    detect_speakers: bool = False  # place speakers from detected faces (falls back to left/right halves)
+    negative_prompt: str | None = None
+    steps: int | None = None
+    shift: float | None = None
+    text_scale: float | None = None
+    audio_scale: float | None = None
+    use_apg: bool = False
+    teacache_threshold: float | None = None
+    color_correction_strength: float = 1.0
+    frame_size: tuple[int, int] | None = None  # (H, W) instead of the resolution's bucket: previews, tests
+
+
+@dataclass
+class Progress:
+    stage: str  # "inputs", "encode", "sampling", "finishing"
+    message: str
+    clip: int = 0  # 1-based while sampling
+    clips: int = 0
+    step: int = 0
+    steps: int = 0
+
+
+@dataclass
+class GenerationResult:
+    video: Path
+    seed: int
+    num_frames: int
+    width: int
+    height: int
+    settings: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def _check_options(request: GenerationRequest) -> None:
+    lo, hi = NUM_FRAMES_RANGE
+    if not isinstance(request.num_frames, int) or not lo <= request.num_frames <= hi:
+        raise InputError("num_frames", f"must be an integer from {lo} to {hi}, got {request.num_frames!r}")
+    if request.resolution not in RESOLUTIONS:
+        raise InputError("resolution", f"must be one of {', '.join(RESOLUTIONS)}, got {request.resolution!r}")
+    if request.acceleration not in ACCELERATIONS:
+        raise InputError("acceleration", f"must be one of {', '.join(ACCELERATIONS)}, got {request.acceleration!r}")
+    if request.seed is not None and not (isinstance(request.seed, int) and 0 <= request.seed <= MAX_SEED):
+        raise InputError("seed", f"must be an integer from 0 to {MAX_SEED}, got {request.seed!r}")
+    if request.audio_mode not in ("add", "para"):
+        raise InputError("audio_mode", f"must be 'add' or 'para', got {request.audio_mode!r}")
+    if not 1 <= len(request.audio) <= 2:
+        raise InputError("second_audio_url", f"one or two audio tracks are supported, got {len(request.audio)}")
+    if not 0.0 <= request.color_correction_strength <= 1.0:
+        raise InputError("color_correction_strength", "must be between 0 and 1")
+    if request.steps is not None and not 1 <= request.steps <= 1000:
+        raise InputError("steps", f"must be from 1 to 1000, got {request.steps}")
+    if request.frame_size is not None and any(s <= 0 or s % 16 for s in request.frame_size):
+        raise InputError("frame_size", f"height and width must be positive multiples of 16, got {request.frame_size}")
+
+
+def _recipe(request: GenerationRequest, loras: Sequence[str]) -> SamplingRecipe:
+    """The preset of `acceleration`, then any explicit overrides of the request."""
+    recipe = recipe_for(request.acceleration, request.resolution, loras)
+    guidance = recipe.guidance
+    guidance = GuidanceConfig(
+        text_scale=guidance.text_scale if request.text_scale is None else request.text_scale,
+        audio_scale=guidance.audio_scale if request.audio_scale is None else request.audio_scale,
+        use_apg=request.use_apg,
+    )
+    return SamplingRecipe(
+        steps=request.steps or recipe.steps,
+        shift=recipe.shift if request.shift is None else request.shift,
+        guidance=guidance,
+        teacache_threshold=recipe.teacache_threshold if request.teacache_threshold is None else request.teacache_threshold,
+        lora=recipe.lora,
+        lora_scale=recipe.lora_scale,
+    )
+
+
+class Pipeline:
+    """All MultiTalk models, loaded once; `generate` may be called many times (one call at a time)."""
+
+    def __init__(self, components: MultiTalkComponents, device: torch.device | str = "cpu"):
+        self.components = components
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_weights(cls, root: Path, device: torch.device | str = "cpu", precision: Precision | None = None,
+                     loras: Sequence[Path] = ()) -> "Pipeline":
+        """Load a checkpoint folder (either published layout) and the LoRA files in `root/loras` plus `loras`."""
+        started = time.perf_counter()
+        layout = find_layout(Path(root))
+        pipeline = cls(load_components(layout, device, precision), device)
+        lora_dir = Path(root) / "loras"
+        files = sorted(lora_dir.glob("*.safetensors")) if lora_dir.is_dir() else []
+        for path in [*files, *map(Path, loras)]:
+            info = load_lora(pipeline.components.transformer, path, path.stem.replace(".", "_"))
+            logger.info("lora loaded name=%s pairs=%d diffs=%d", info.name, info.pairs, info.diffs)
+        logger.info("pipeline ready layout=%s device=%s load_s=%.1f", layout.kind, device, time.perf_counter() - started)
+        return pipeline
+
+    @property
+    def loras(self) -> list[str]:
+        return loaded_loras(self.components.transformer)
+
+    def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None,
+                 should_cancel: Callable[[], bool] | None = None) -> GenerationResult:
+        """Make the video of `request` at `request.output`; raises InputError, GenerationCancelled."""
+        report = progress or (lambda event: None)
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        _check_options(request)
+        seed = request.seed if request.seed is not None else random.randint(0, 99_999_999)
+        recipe = _recipe(request, self.loras)
+        clips = plan_clips(request.num_frames)
+
+        report(Progress("inputs", "reading image and audio"))
+        reference, masks, (height, width) = self._image_and_masks(request)
+        tracks = self._audio_tracks(request, clips)
+        timings["inputs_s"] = time.perf_counter() - started
+
+        report(Progress("encode", "encoding audio and text"))
+        mark = time.perf_counter()
+        c = self.components
+        embeddings = [c.audio_encoder.encode(track).embedding for track in tracks.per_speaker]
+        negative = request.negative_prompt or DEFAULT_NEGATIVE_PROMPT
+        context, negative_context = (t.float() for t in c.text_encoder.encode([request.prompt, negative]))
+        conditioning = VideoConditioning(reference, embeddings, context, negative_context, masks)
+        timings["encode_s"] = time.perf_counter() - mark
+
+        settings = SamplingSettings(
+            sampling_timesteps(recipe.steps, recipe.shift),
+            recipe.guidance,
+            None if recipe.teacache_threshold is None else TeaCacheConfig.for_run(
+                request.resolution, recipe.teacache_threshold, recipe.steps),
+            request.color_correction_strength,
+        )
+        logger.info("generate seed=%d frames=%d size=%dx%d speakers=%d clips=%d acceleration=%s %s",
+                    seed, request.num_frames, width, height, len(embeddings), len(clips), request.acceleration,
+                    recipe.describe())
+        use_lora(c.transformer, recipe.lora, recipe.lora_scale)
+
+        def on_step(clip: ClipPlan, step: int, steps: int) -> None:
+            if should_cancel is not None and should_cancel():
+                raise GenerationCancelled(f"cancelled at clip {clip.index + 1}/{len(clips)}, step {step}/{steps}")
+            report(Progress("sampling", f"clip {clip.index + 1}/{len(clips)} step {step}/{steps}",
+                            clip.index + 1, len(clips), step, steps))
+
+        mark = time.perf_counter()
+        generator = torch.Generator(self.device).manual_seed(seed)
+        remaining = request.num_frames
+        with Mp4Writer(request.output, width=width, height=height, num_frames=request.num_frames,
+                       audio=tracks.mix) as writer:
+            for out in generate_video_clips(c.transformer, c.vae, c.image_encoder, conditioning, clips, settings,
+                                            generator, on_step):
+                frames = frames_to_uint8(out.frames[0][:, :remaining])
+                writer.write(frames)
+                remaining -= frames.shape[0]
+                logger.info("clip done clip=%d/%d new_frames=%d elapsed_s=%.1f", out.plan.index + 1, len(clips),
+                            frames.shape[0], time.perf_counter() - mark)
+            report(Progress("finishing", "writing the MP4"))
+        timings["sampling_s"] = time.perf_counter() - mark
+        timings["total_s"] = time.perf_counter() - started
+        logger.info("video written path=%s total_s=%.1f", request.output, timings["total_s"])
+        return GenerationResult(Path(request.output), seed, request.num_frames, width, height, recipe.describe(), timings)
+
+    def _image_and_masks(self, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Reference image [1, 3, 1, H, W] in [−1, 1], person masks [3, H/8, W/8], (H, W)."""
+        image = load_image(Path(request.image), "image_url")
+        src_hw = (image.height, image.width)
+        target_hw = request.frame_size or choose_bucket(*src_hw, request.resolution)[1]
+        speakers = 1 if request.use_only_first_audio else len(request.audio)
+        boxes = None
+        if request.speaker_boxes is not None:
+            boxes = validate_boxes(request.speaker_boxes, *src_hw, speakers, "speaker_boxes")
+        elif request.detect_speakers and speakers == 2:
+            boxes = detect_speaker_boxes(image, speakers)
+            if boxes is None:
+                logger.info("speaker detection found no face per speaker; using left/right halves")
+        latent_hw = (target_hw[0] // 8, target_hw[1] // 8)
+        try:
+            masks = person_masks(src_hw, target_hw, latent_hw, speakers, boxes)
+        except InputError:
+            if request.speaker_boxes is not None:
+                raise
+            logger.info("detected speaker boxes fall outside the crop; using left/right halves")
+            masks = person_masks(src_hw, target_hw, latent_hw, speakers, None)
+        reference = pixels_to_tensor(resize_and_center_crop(image, target_hw))
+        return reference, masks, target_hw
+
+    def _audio_tracks(self, request: GenerationRequest, clips: list[ClipPlan]):
+        """Speakers' 16 kHz tracks on one timeline as long as the generated clips (silence-padded, or cut).
+
+        The mix (muxed into the MP4) is fitted to exactly `num_frames` by the writer; the per-speaker tracks
+        cover every frame the clips generate, so no clip runs out of audio and nothing needs trimming.
+        """
+        fields = ["first_audio_url", "second_audio_url"]
+        paths = list(request.audio)[:1] if request.use_only_first_audio else list(request.audio)
+        tracks = combine_speakers([load_speech(Path(p), f) for p, f in zip(paths, fields)], request.audio_mode)
+        generated = clips[-1].start + clips[-1].frames
+        length = generated * SAMPLES_PER_FRAME
+        tracks.per_speaker = [fit_length(t, length) for t in tracks.per_speaker]
+        return tracks
