@@ -38,7 +38,7 @@ from .weights.layout import MultiTalkComponents, Precision, find_layout, load_co
 logger = logging.getLogger(__name__)
 
 NUM_FRAMES_RANGE = (41, 241)
-MAX_SEED = 2**31 - 1
+MAX_SEED = 2**32 - 1  # the hosted API accepts 0..4294967295
 # The original's default negative prompt for multitalk-14B (spec §7).
 DEFAULT_NEGATIVE_PROMPT = (
     "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "

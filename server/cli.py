@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .generate_command import add_generate_parser
+
 
 def _weights_check(args: argparse.Namespace) -> int:
     from model.weights.layout import inspect_weights
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--layout", choices=["multitalk", "diffusers"], help="force a layout (default: detect)")
     check.add_argument("--json", action="store_true", help="machine-readable report")
     check.set_defaults(handler=_weights_check)
+    add_generate_parser(commands)
     return parser
 
 

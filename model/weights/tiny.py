@@ -18,7 +18,10 @@ LoRA for such a transformer in the key format of the published distilled LoRAs.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -158,6 +161,29 @@ def write_tiny_weights(out: Path, layout: str = "multitalk", seed: int = 0) -> P
             "transformer": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"],
         }, indent=2))
     return out
+
+
+def cached_tiny_weights(cache_root: Path | None = None, seed: int = 0) -> Path:
+    """The seeded tiny checkpoints (MultiTalk layout), written on first use under the user cache and reused.
+
+    `--weights tiny` resolves here. The folder is written next to its final name and renamed into place,
+    so an interrupted first run never leaves a half-written cache behind.
+    """
+    root = Path(cache_root or os.environ.get("MULTITALK_CACHE") or Path.home() / ".cache" / "multitalk")
+    final = root / f"tiny-weights-seed{seed}"
+    if final.is_dir():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        write_tiny_weights(staging, "multitalk", seed)
+        staging.rename(final)
+    except OSError:
+        if not final.is_dir():  # not a lost race with another process writing the same cache
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
 
 
 def split_original_adapter(dit: MultiTalkTransformer3DModel) -> tuple[dict, dict]:
