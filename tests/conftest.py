@@ -30,3 +30,22 @@ def tiny_weights(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("tiny-weights")
     return {layout: write_tiny_weights(base / layout, layout, seed=0) for layout in ("multitalk", "diffusers")}
+
+
+@pytest.fixture(scope="session")
+def example_inputs(tmp_path_factory):
+    """{"image", "audio1", "audio2"}: the drawn two-person image and synthetic speech of scripts/make_example_inputs.py."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_example_inputs.py"
+    spec = importlib.util.spec_from_file_location("make_example_inputs", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_example_inputs(tmp_path_factory.mktemp("example-inputs"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_weights):
+    from model.pipeline import Pipeline
+
+    return Pipeline.from_weights(tiny_weights["multitalk"])
