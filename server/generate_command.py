@@ -86,6 +86,7 @@ def run_generate(args: argparse.Namespace) -> int:
         teacache_threshold=args.teacache_threshold, color_correction_strength=args.color_correction,
         frame_size=args.frame_size,
     )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         pipeline = Pipeline.from_weights(weights, device, loras=args.lora)
     except WeightsError as exc:

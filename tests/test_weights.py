@@ -164,3 +164,15 @@ def test_sharded_load_peaks_well_under_twice_the_checkpoint_size(tmp_path):
     growth = rss["peak"] - rss["before"]
     assert size > 150e6
     assert growth < 1.5 * size, f"load grew RSS by {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB checkpoint"
+
+
+def test_tiny_weights_cache_is_written_once_and_reused(tmp_path):
+    from model.weights.layout import find_layout
+    from model.weights.tiny import cached_tiny_weights
+
+    first = cached_tiny_weights(tmp_path)
+    stamp = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
+    assert cached_tiny_weights(tmp_path) == first
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == stamp
+    assert find_layout(first).kind == "multitalk"
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no staging folder left behind
