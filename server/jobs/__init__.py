@@ -1,0 +1,35 @@
+"""The durable job queue shared by the API process and the workers: SQLite on one host, Redis across hosts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .redis_store import RedisJobStore
+from .sqlite_store import SqliteJobStore
+from .store import (
+    COMPLETED,
+    IN_PROGRESS,
+    IN_QUEUE,
+    LOG_LEVELS,
+    OUTCOMES,
+    WORKER_LOST,
+    CancelResult,
+    Job,
+    JobStore,
+    Outcome,
+    QueueFull,
+    Status,
+)
+
+__all__ = [
+    "COMPLETED", "IN_PROGRESS", "IN_QUEUE", "LOG_LEVELS", "OUTCOMES", "WORKER_LOST", "CancelResult", "Job",
+    "JobStore", "Outcome", "QueueFull", "RedisJobStore", "SqliteJobStore", "Status", "open_job_store",
+]
+
+
+def open_job_store(redis_url: str | None, data_dir: Path) -> JobStore:
+    """The Redis store when a URL is configured (several workers or hosts), else the SQLite file
+    `data_dir/jobs.sqlite3` (one host, nothing to set up)."""
+    if redis_url:
+        return RedisJobStore(redis_url)
+    return SqliteJobStore(Path(data_dir) / "jobs.sqlite3")

@@ -1,0 +1,182 @@
+"""The job store in one SQLite file: the default, embedded, nothing to set up, survives restarts.
+
+Several processes on one host (the API and its workers) may open the same file. WAL mode lets
+readers run beside the one writer; every change is one short `BEGIN IMMEDIATE` transaction, which
+takes the database's write lock before reading, so a bounded submit or a claim is atomic across
+processes, not just threads. Writers that find the lock taken wait (busy timeout) instead of failing.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .store import COMPLETED, IN_PROGRESS, IN_QUEUE, JOB_FIELDS, OUTCOMES, Job, JobStore, check_room
+
+_BUSY_TIMEOUT_S = 30.0
+
+# `seq` orders the queue by submission; a re-queued job keeps its row, hence its place.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    app TEXT NOT NULL,
+    input TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    status TEXT NOT NULL,
+    outcome TEXT,
+    result TEXT,
+    error TEXT,
+    error_type TEXT,
+    webhook_url TEXT,
+    started_at REAL,
+    finished_at REAL,
+    attempts INTEGER NOT NULL,
+    cancel_requested INTEGER NOT NULL,
+    worker_id TEXT,
+    lease_expires_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status_seq ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_status_lease ON jobs (status, lease_expires_at);
+CREATE INDEX IF NOT EXISTS jobs_by_status_finished ON jobs (status, finished_at);
+CREATE TABLE IF NOT EXISTS logs (
+    seq INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    message TEXT NOT NULL,
+    level TEXT NOT NULL,
+    source TEXT NOT NULL,
+    timestamp REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_by_job ON logs (job_id, seq);
+"""
+_INSERT = f"INSERT INTO jobs ({', '.join(JOB_FIELDS)}) VALUES ({', '.join(':' + f for f in JOB_FIELDS)})"
+_UPDATE = f"UPDATE jobs SET {', '.join(f'{f} = :{f}' for f in JOB_FIELDS if f != 'id')} WHERE id = :id"
+
+
+class SqliteJobStore(JobStore):
+    """Jobs in the SQLite file at `path` (created with its folder if missing).
+
+    One connection per thread, opened on first use. Open a new store in a forked child rather
+    than using one created before the fork (SQLite connections must not cross a fork)."""
+
+    def __init__(self, path: Path | str):
+        self._path = Path(path)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._db().execute("PRAGMA journal_mode=WAL")  # stored in the file: every later connection uses it
+        with self._write() as db:
+            for statement in _SCHEMA.split(";"):
+                db.execute(statement)
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            # isolation_level=None: no implicit transactions, each change is an explicit one below.
+            db = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            self._local.db = db
+            with self._connections_lock:
+                self._connections.append(db)
+        return db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction holding the write lock from its first statement on."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    def get(self, id: str) -> Job | None:
+        row = self._db().execute("SELECT * FROM jobs WHERE id = ?", (id,)).fetchone()
+        return None if row is None else Job.from_record(dict(row))
+
+    def queue_position(self, id: str) -> int:
+        # When the job is not queued the inner SELECT is NULL, `seq < NULL` is never true: 0.
+        return self._db().execute(
+            "SELECT COUNT(*) FROM jobs WHERE status = :queued AND seq < "
+            "(SELECT seq FROM jobs WHERE id = :id AND status = :queued)", {"id": id, "queued": IN_QUEUE},
+        ).fetchone()[0]
+
+    def logs(self, id: str, since: int = 0) -> list[dict[str, Any]]:
+        rows = self._db().execute(
+            "SELECT message, level, source, timestamp FROM logs WHERE job_id = ? ORDER BY seq LIMIT -1 OFFSET ?",
+            (id, since),
+        ).fetchall()
+        return [dict(row) for row in rows]
+
+    def counts(self) -> dict[str, Any]:
+        counts: dict[str, Any] = {"queued": 0, "running": 0, "completed": dict.fromkeys(OUTCOMES, 0)}
+        rows = self._db().execute("SELECT status, outcome, COUNT(*) FROM jobs GROUP BY status, outcome")
+        for status, outcome, n in rows:
+            if status == COMPLETED:
+                counts["completed"][outcome] = n
+            else:
+                counts["queued" if status == IN_QUEUE else "running"] += n
+        return counts
+
+    def _now(self) -> float:
+        return time.time()
+
+    def _insert(self, job: Job, max_queue: int | None) -> None:
+        with self._write() as db:
+            if max_queue is not None:
+                queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (IN_QUEUE,)).fetchone()[0]
+                check_room(queued, max_queue)
+            db.execute(_INSERT, job.to_record())
+
+    def _claim(self, change: Callable[[Job], Job]) -> Job | None:
+        with self._write() as db:
+            row = db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (IN_QUEUE,)).fetchone()
+            return _apply(db, row, change)[1]
+
+    def _update(self, id: str, change: Callable[[Job], Job | None]) -> tuple[Job | None, Job | None]:
+        with self._write() as db:
+            return _apply(db, db.execute("SELECT * FROM jobs WHERE id = ?", (id,)).fetchone(), change)
+
+    def _expired_ids(self, now: float) -> list[str]:
+        rows = self._db().execute("SELECT id FROM jobs WHERE status = ? AND lease_expires_at < ? ORDER BY seq",
+                                  (IN_PROGRESS, now))
+        return [id for (id,) in rows]
+
+    def _push_log(self, id: str, entry: dict[str, Any]) -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO logs (job_id, message, level, source, timestamp) "
+                       "VALUES (:job_id, :message, :level, :source, :timestamp)", {"job_id": id, **entry})
+
+    def _delete_finished(self, before: float) -> list[str]:
+        with self._write() as db:
+            ids = [id for (id,) in db.execute("SELECT id FROM jobs WHERE status = ? AND finished_at < ?",
+                                              (COMPLETED, before))]
+            db.executemany("DELETE FROM logs WHERE job_id = ?", [(id,) for id in ids])
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(id,) for id in ids])
+        return ids
+
+
+def _apply(db: sqlite3.Connection, row: sqlite3.Row | None,
+           change: Callable[[Job], Job | None]) -> tuple[Job | None, Job | None]:
+    """Inside a write transaction: the job in `row`, changed and saved; (before, after)."""
+    if row is None:
+        return None, None
+    before = Job.from_record(dict(row))
+    after = change(before)
+    if after is not None:
+        db.execute(_UPDATE, after.to_record())
+    return before, after

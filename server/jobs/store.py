@@ -1,0 +1,292 @@
+"""The job store's interface, the Job record, and the rules for how a job moves between states.
+
+The API process (submit, status, cancel, result) and the worker processes (claim, progress logs,
+lease renewal, finish) share one queue, kept either in an embedded SQLite file (one host) or in a
+Redis that many hosts share. Both backends obey the same rules, so the rules live here once, as pure
+functions from a Job to its next Job; a backend only supplies storage and three atomic primitives
+(insert with a queue bound, claim the oldest queued job, read-modify-write one job).
+
+States follow fal's queue API: IN_QUEUE -> IN_PROGRESS -> COMPLETED. A failed or cancelled job is
+COMPLETED with an `outcome` of ERROR or CANCELLED (fal has no FAILED/CANCELLED status on the wire).
+A worker holds a running job through a lease that it renews; a job whose lease runs out (its worker
+died) is put back in the queue at its original place, or failed with a clear error once it has used
+its attempts, so it is never silently lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Literal, Mapping
+
+Status = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+Outcome = Literal["OK", "ERROR", "CANCELLED"]
+# What a cancel did, in the words of fal's cancel endpoint, so the API can send it as is.
+CancelResult = Literal["OK", "CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"]
+
+IN_QUEUE: Status = "IN_QUEUE"
+IN_PROGRESS: Status = "IN_PROGRESS"
+COMPLETED: Status = "COMPLETED"
+OUTCOMES: tuple[Outcome, ...] = ("OK", "ERROR", "CANCELLED")
+# fal's log levels (status endpoint, `logs=1`).
+LOG_LEVELS = ("STDERR", "STDOUT", "ERROR", "INFO", "WARN", "DEBUG")
+# error_type of a job failed because its worker kept dying (crash, OOM kill, lost host).
+WORKER_LOST = "WorkerLost"
+
+
+class QueueFull(Exception):
+    """submit() found max_queue jobs already waiting; the API answers 429 and the client retries later."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One request. Times are float epoch seconds on the store's clock (Redis: the server's clock,
+    so leases mean the same on every host)."""
+
+    id: str
+    app: str
+    input: dict[str, Any]
+    created_at: float
+    status: Status = IN_QUEUE
+    outcome: Outcome | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    error_type: str | None = None
+    webhook_url: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+    worker_id: str | None = None
+    lease_expires_at: float | None = None
+
+    def to_record(self) -> dict[str, str | int | float | None]:
+        """Flat scalars for a SQLite row or a Redis hash: dicts as JSON text, booleans as 0/1."""
+        record: dict[str, str | int | float | None] = {}
+        for name in JOB_FIELDS:
+            value = getattr(self, name)
+            if value is not None and name in _JSON_FIELDS:
+                value = json.dumps(value)
+            elif isinstance(value, bool):
+                value = int(value)
+            record[name] = value
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Job:
+        """The inverse of to_record; a missing or null field is None (Redis stores no nulls, and
+        hands every value back as a string)."""
+        values = {}
+        for name in JOB_FIELDS:
+            raw = record.get(name)
+            values[name] = None if raw is None else _DECODERS.get(name, str)(raw)
+        return cls(**values)
+
+
+JOB_FIELDS = tuple(field.name for field in dataclasses.fields(Job))
+_JSON_FIELDS = frozenset({"input", "result"})
+_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "input": json.loads,
+    "result": json.loads,
+    "created_at": float,
+    "started_at": float,
+    "finished_at": float,
+    "lease_expires_at": float,
+    "attempts": int,
+    "cancel_requested": lambda raw: bool(int(raw)),
+}
+
+
+def check_room(queued: int, max_queue: int | None) -> None:
+    """Raise QueueFull when `queued` waiting jobs leave no room under max_queue. Backends call it
+    inside their atomic insert, so the count cannot change between the check and the insert."""
+    if max_queue is not None and queued >= max_queue:
+        raise QueueFull(f"the queue already holds {queued} jobs (limit {max_queue}); try again later")
+
+
+# --- Transitions: pure functions from a job to its next state, None meaning "leave it as it is". ---
+
+
+def _held_by(job: Job, worker_id: str) -> bool:
+    return job.status == IN_PROGRESS and job.worker_id == worker_id
+
+
+def _started(job: Job, worker_id: str, now: float, lease_s: float) -> Job:
+    return dataclasses.replace(job, status=IN_PROGRESS, attempts=job.attempts + 1, worker_id=worker_id,
+                               started_at=now, lease_expires_at=now + lease_s)
+
+
+def _renewed(job: Job, worker_id: str, now: float, lease_s: float) -> Job | None:
+    return dataclasses.replace(job, lease_expires_at=now + lease_s) if _held_by(job, worker_id) else None
+
+
+def _completed(job: Job, now: float, outcome: Outcome, result: dict[str, Any] | None = None,
+               error: str | None = None, error_type: str | None = None) -> Job:
+    return dataclasses.replace(job, status=COMPLETED, outcome=outcome, result=result, error=error,
+                               error_type=error_type, finished_at=now, lease_expires_at=None)
+
+
+def _finished(job: Job, worker_id: str, now: float, outcome: Outcome, result: dict[str, Any] | None,
+              error: str | None, error_type: str | None) -> Job | None:
+    return _completed(job, now, outcome, result, error, error_type) if _held_by(job, worker_id) else None
+
+
+def _cancelled(job: Job, now: float) -> Job | None:
+    """A queued job never runs; a running one is flagged and its worker stops between steps."""
+    if job.status == IN_QUEUE:
+        return _completed(job, now, "CANCELLED")
+    if job.status == IN_PROGRESS and not job.cancel_requested:
+        return dataclasses.replace(job, cancel_requested=True)
+    return None
+
+
+def _after_lost_worker(job: Job, now: float, max_attempts: int) -> Job | None:
+    """A job whose lease ran out: back to its place in the queue, or failed once out of attempts.
+    Re-checks the lease, since the worker may have renewed it after the expired jobs were listed."""
+    if job.status != IN_PROGRESS or job.lease_expires_at is None or job.lease_expires_at >= now:
+        return None
+    if job.cancel_requested:
+        return _completed(job, now, "CANCELLED")
+    if job.attempts < max_attempts:
+        return dataclasses.replace(job, status=IN_QUEUE, worker_id=None, started_at=None, lease_expires_at=None)
+    return _completed(job, now, "ERROR", error_type=WORKER_LOST,
+                      error=f"the worker running this job stopped responding on each of its {job.attempts} "
+                            "attempts (it crashed or was killed); not retrying")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+class JobStore(ABC):
+    """The queue API both processes use. Public methods check arguments and apply the transitions
+    above; subclasses implement the storage primitives (the abstract methods)."""
+
+    def submit(self, app: str, input: dict[str, Any], webhook_url: str | None = None,
+               max_queue: int | None = None) -> Job:
+        """Queue a job; QueueFull when max_queue jobs are already waiting (checked atomically)."""
+        if max_queue is not None and max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        job = Job(id=str(uuid.uuid4()), app=app, input=input, created_at=self._now(), webhook_url=webhook_url)
+        self._insert(job, max_queue)
+        return job
+
+    def claim(self, worker_id: str, lease_s: float) -> Job | None:
+        """Take the oldest queued job for `worker_id` (unique per worker process) for lease_s seconds;
+        None when the queue is empty. No two callers ever get the same job."""
+        _check_positive("lease_s", lease_s)
+        now = self._now()
+        return self._claim(lambda job: _started(job, worker_id, now, lease_s))
+
+    def renew(self, id: str, worker_id: str, lease_s: float) -> bool:
+        """Extend the lease by lease_s from now; False when the job is no longer this worker's
+        (finished, or re-queued after the lease ran out): the worker should drop it."""
+        _check_positive("lease_s", lease_s)
+        now = self._now()
+        return self._update(id, lambda job: _renewed(job, worker_id, now, lease_s))[1] is not None
+
+    def request_cancel(self, id: str) -> CancelResult:
+        """Cancel a queued job now, or ask the worker of a running one to stop; says which happened."""
+        now = self._now()
+        before, _ = self._update(id, lambda job: _cancelled(job, now))
+        if before is None:
+            return "NOT_FOUND"
+        return {IN_QUEUE: "OK", IN_PROGRESS: "CANCELLATION_REQUESTED", COMPLETED: "ALREADY_COMPLETED"}[before.status]
+
+    def is_cancel_requested(self, id: str) -> bool:
+        job = self.get(id)
+        return job is not None and job.cancel_requested
+
+    def finish(self, id: str, worker_id: str, outcome: Outcome, result: dict[str, Any] | None = None,
+               error: str | None = None, error_type: str | None = None) -> bool:
+        """Record the end of a job; False (and nothing written) when the job is no longer this
+        worker's, so a worker that lost its lease cannot overwrite the job's next attempt."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
+        now = self._now()
+        _, after = self._update(id, lambda job: _finished(job, worker_id, now, outcome, result, error, error_type))
+        return after is not None
+
+    def requeue_expired(self, max_attempts: int = 2) -> list[Job]:
+        """Handle running jobs whose lease ran out (their worker died): re-queued at their original
+        place while attempts < max_attempts, else COMPLETED with outcome ERROR and error_type
+        WorkerLost (CANCELLED if a cancel was pending). Returns the jobs changed, in their new state,
+        so the caller can send the webhooks of those that completed. Safe to call from any process."""
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        now = self._now()
+        changed = []
+        for id in self._expired_ids(now):
+            _, after = self._update(id, lambda job: _after_lost_worker(job, now, max_attempts))
+            if after is not None:
+                changed.append(after)
+                if after.status == IN_QUEUE:
+                    self.append_log(id, f"the worker stopped responding; job re-queued (attempt {after.attempts} "
+                                        f"of {max_attempts} used)", level="WARN", source="server")
+        return changed
+
+    def append_log(self, id: str, message: str, level: str = "INFO", source: str = "worker") -> None:
+        """Add a progress line, shown by the status endpoint with `logs=1`."""
+        if level not in LOG_LEVELS:
+            raise ValueError(f"level must be one of {LOG_LEVELS}, got {level!r}")
+        self._push_log(id, {"message": message, "level": level, "source": source, "timestamp": self._now()})
+
+    def expire_finished(self, older_than_s: float) -> list[str]:
+        """Delete jobs (and their logs) finished more than older_than_s ago; returns their ids so
+        the caller deletes their files. Each id is returned to one caller only."""
+        if older_than_s < 0:
+            raise ValueError(f"older_than_s must be >= 0, got {older_than_s}")
+        return self._delete_finished(before=self._now() - older_than_s)
+
+    @abstractmethod
+    def get(self, id: str) -> Job | None: ...
+
+    @abstractmethod
+    def queue_position(self, id: str) -> int:
+        """How many queued jobs are ahead of this one (0 = next); 0 when it is not queued."""
+
+    @abstractmethod
+    def logs(self, id: str, since: int = 0) -> list[dict[str, Any]]:
+        """Log entries {message, level, source, timestamp} from index `since` on (a reader that has
+        seen n entries passes since=n to get only the new ones)."""
+
+    @abstractmethod
+    def counts(self) -> dict[str, Any]:
+        """{"queued": n, "running": n, "completed": {"OK": n, "ERROR": n, "CANCELLED": n}} over the
+        jobs stored now (expired jobs no longer count), for /metrics."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # --- Storage primitives ---
+
+    @abstractmethod
+    def _now(self) -> float:
+        """The store's clock, the one leases are measured on."""
+
+    @abstractmethod
+    def _insert(self, job: Job, max_queue: int | None) -> None:
+        """Store a new queued job behind all others, calling check_room atomically with the insert."""
+
+    @abstractmethod
+    def _claim(self, change: Callable[[Job], Job]) -> Job | None:
+        """Atomically apply `change` to the oldest queued job and store the result; None if none."""
+
+    @abstractmethod
+    def _update(self, id: str, change: Callable[[Job], Job | None]) -> tuple[Job | None, Job | None]:
+        """Atomically read a job, apply `change` and store what it returns (nothing when None).
+        Returns (before, after); before is None when the job does not exist."""
+
+    @abstractmethod
+    def _expired_ids(self, now: float) -> list[str]:
+        """Ids of running jobs whose lease ended before `now`."""
+
+    @abstractmethod
+    def _push_log(self, id: str, entry: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def _delete_finished(self, before: float) -> list[str]:
+        """Delete completed jobs finished before `before`, with their logs; return their ids."""
