@@ -1,0 +1,251 @@
+"""Files this server keeps on its own disk: uploaded inputs and generated videos.
+
+fal clients hand models URLs, and they get those URLs by uploading first (§A.10/§B.1 of the
+research notes): the JS client and fal-client's `fal` repository call `/storage/upload/initiate`
+and PUT the bytes to the returned `upload_url`; fal-client's default `fal_v3` repository POSTs the
+raw body and reads back an `access_url`. A self-hosted server has to play both roles, and it also
+needs somewhere to put its outputs so results can name them by URL. This module is that storage,
+kept free of HTTP so the routes stay thin: every file gets a random, unguessable id (so URLs can be
+shared without exposing other users' files), ids are checked against a strict pattern before they
+touch the file system (so no URL can reach outside the store), and writes go to a temporary name
+first (so a reader never sees half a file).
+
+Layout under `root`: `data/<id>` (the bytes), `meta/<id>.json` (content type, file name, size),
+`pending/<upload token>.json` (an initiated upload waiting for its PUT).
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+import re
+import secrets
+import shutil
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import SplitResult, urlsplit
+
+DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024
+FILES_PATH = "/files/"
+UPLOADS_PATH = "/storage/uploads/"
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+_TOKEN_BYTES = 24  # → 32 URL-safe characters, 192 random bits
+_ID = re.compile(r"[A-Za-z0-9_-]{32}(?:\.[A-Za-z0-9]{1,8})?")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
+_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,8}")
+_CONTENT_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_MAX_FILE_NAME = 200
+
+
+class UnknownFile(LookupError):
+    """No stored file (or pending upload) has this id; also raised for ids that could never be valid."""
+
+
+class UploadTooLarge(ValueError):
+    """An upload went past the store's size limit; nothing of it was kept."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One stored file, with what a fal `File` object needs (`url`, `content_type`, `file_name`, `file_size`)."""
+
+    id: str
+    path: Path
+    url: str
+    content_type: str
+    file_name: str
+    size: int
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """The answer to `/storage/upload/initiate`: where to PUT the bytes, and the URL they will have."""
+
+    upload_url: str
+    file_url: str
+
+
+class FileStore:
+    """Uploaded inputs and generated outputs under `root`, served at `<public_base_url>/files/<id>`."""
+
+    def __init__(self, root: Path, public_base_url: str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
+        base = urlsplit(public_base_url)
+        if base.scheme not in _DEFAULT_PORTS or not base.hostname:
+            raise ValueError(f"public_base_url must be an absolute http(s) URL, got {public_base_url!r}")
+        self.root = Path(root)
+        self.public_base_url = public_base_url.rstrip("/")
+        self.max_upload_bytes = max_upload_bytes
+        self._base = base
+        for folder in ("data", "meta", "pending"):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+
+    # -- adding files ---------------------------------------------------------------------------
+
+    async def save_upload(
+        self, stream: AsyncIterable[bytes], content_type: str | None, file_name: str | None
+    ) -> StoredFile:
+        """Store an uploaded body (fal_v3's `POST /files/upload`); raises `UploadTooLarge` past the limit."""
+        file_id = self._new_id(file_name, content_type)
+        await self._write_stream(file_id, stream)
+        return self._commit(file_id, content_type, file_name)
+
+    def add_file(self, source: Path, content_type: str | None, file_name: str | None = None) -> StoredFile:
+        """Move a finished file (a generated video) into the store; `file_name` defaults to its name."""
+        file_name = file_name or Path(source).name
+        file_id = self._new_id(file_name, content_type)
+        partial = self._partial_path(file_id)
+        shutil.move(os.fspath(source), partial)  # a copy when crossing file systems, hence the temporary name
+        os.replace(partial, self._data_path(file_id))
+        return self._commit(file_id, content_type, file_name)
+
+    def initiate_upload(self, content_type: str | None, file_name: str | None) -> PendingUpload:
+        """Reserve an id for `/storage/upload/initiate`; the bytes follow with a PUT to `upload_url`.
+
+        The PUT goes to a second random token rather than to the file id, so knowing a file's public
+        URL does not let anyone overwrite it, and each token works once.
+        """
+        file_id = self._new_id(file_name, content_type)
+        token = secrets.token_urlsafe(_TOKEN_BYTES)
+        pending = {"id": file_id, "content_type": content_type, "file_name": file_name}
+        _write_json_atomically(self._pending_path(token), pending)
+        return PendingUpload(upload_url=f"{self.public_base_url}{UPLOADS_PATH}{token}", file_url=self.url_for(file_id))
+
+    async def complete_upload(self, token: str, stream: AsyncIterable[bytes]) -> StoredFile:
+        """Store the PUT body for an initiated upload; `UnknownFile` for unknown or already used tokens."""
+        if not _TOKEN.fullmatch(token):
+            raise UnknownFile(token)
+        pending_path = self._pending_path(token)
+        try:
+            pending = json.loads(pending_path.read_text())
+            pending_path.unlink()  # claims the token: a concurrent second PUT fails here or on the read
+        except FileNotFoundError:
+            raise UnknownFile(token) from None
+        await self._write_stream(pending["id"], stream)
+        return self._commit(pending["id"], pending["content_type"], pending["file_name"])
+
+    # -- looking files up -----------------------------------------------------------------------
+
+    def url_for(self, file_id: str) -> str:
+        return f"{self.public_base_url}{FILES_PATH}{file_id}"
+
+    def path_for(self, file_id: str) -> Path:
+        """The file's path on disk; `UnknownFile` if the id is malformed or nothing is stored under it."""
+        path = self._data_path(file_id)
+        if not path.is_file():
+            raise UnknownFile(file_id)
+        return path
+
+    def get(self, file_id: str) -> StoredFile:
+        """Everything known about a stored file (what `GET /files/<id>` serves)."""
+        path = self.path_for(file_id)
+        try:
+            meta = json.loads(self._meta_path(file_id).read_text())
+        except FileNotFoundError:
+            raise UnknownFile(file_id) from None
+        return StoredFile(file_id, path, self.url_for(file_id), meta["content_type"], meta["file_name"], meta["size"])
+
+    def resolve_url(self, url: str) -> Path | None:
+        """The local path behind one of this store's URLs, so inputs we host need no network round trip.
+
+        None when the URL is not under `<public_base_url>/files/` (fetch it normally); `UnknownFile`
+        when it is ours but names no stored file — fetching it over the network could not help.
+        """
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in _DEFAULT_PORTS or (scheme, parts.hostname, _port(parts)) != (
+            self._base.scheme, self._base.hostname, _port(self._base)
+        ):
+            return None
+        prefix = self._base.path.rstrip("/") + FILES_PATH
+        if not parts.path.startswith(prefix):
+            return None
+        return self.path_for(parts.path[len(prefix):])
+
+    def delete(self, file_id: str) -> bool:
+        """Remove a stored file; False if there was none."""
+        if not _ID.fullmatch(file_id):
+            return False
+        self._meta_path(file_id).unlink(missing_ok=True)
+        try:
+            self._data_path(file_id).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _new_id(self, file_name: str | None, content_type: str | None) -> str:
+        """A random id, ending in the file's extension so URLs still tell players what they hold."""
+        suffix = Path(_clean_file_name(file_name) or "").suffix.lower()
+        if not _EXTENSION.fullmatch(suffix):
+            suffix = mimetypes.guess_extension(_clean_content_type(content_type)) or ""
+        return secrets.token_urlsafe(_TOKEN_BYTES) + suffix
+
+    def _data_path(self, file_id: str) -> Path:
+        if not _ID.fullmatch(file_id):
+            raise UnknownFile(file_id)
+        return self.root / "data" / file_id
+
+    def _partial_path(self, file_id: str) -> Path:
+        return self._data_path(file_id).with_name(f".{file_id}.part")
+
+    def _meta_path(self, file_id: str) -> Path:
+        return self.root / "meta" / f"{file_id}.json"
+
+    def _pending_path(self, token: str) -> Path:
+        return self.root / "pending" / f"{token}.json"
+
+    async def _write_stream(self, file_id: str, stream: AsyncIterable[bytes]) -> None:
+        partial = self._partial_path(file_id)
+        size = 0
+        try:
+            with partial.open("wb") as out:
+                async for chunk in stream:
+                    size += len(chunk)
+                    if size > self.max_upload_bytes:
+                        raise UploadTooLarge(f"the upload is larger than {self.max_upload_bytes // (1024 * 1024)} MB")
+                    out.write(chunk)
+            os.replace(partial, self._data_path(file_id))
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def _commit(self, file_id: str, content_type: str | None, file_name: str | None) -> StoredFile:
+        """Record the metadata of data already in place; the file is visible from here on."""
+        meta = {
+            "content_type": _clean_content_type(content_type),
+            "file_name": _clean_file_name(file_name) or file_id,
+            "size": self._data_path(file_id).stat().st_size,
+        }
+        _write_json_atomically(self._meta_path(file_id), meta)
+        return self.get(file_id)
+
+
+def _port(parts: SplitResult) -> int | None:
+    """The explicit or default port; None for a malformed one (such a URL is simply not ours)."""
+    try:
+        return parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        return None
+
+
+def _clean_content_type(content_type: str | None) -> str:
+    """The bare `type/subtype`, or octet-stream: it is echoed in a response header, so nothing else passes."""
+    bare = (content_type or "").split(";", 1)[0].strip().lower()
+    return bare if _CONTENT_TYPE.fullmatch(bare) else DEFAULT_CONTENT_TYPE
+
+
+def _clean_file_name(file_name: str | None) -> str:
+    """The last path component without control characters: shown to users and sent back in headers."""
+    name = re.split(r"[/\\]", file_name or "")[-1]
+    name = "".join(ch for ch in name if ch.isprintable() and ch not in '"').strip()
+    return "" if name in (".", "..") else name[:_MAX_FILE_NAME]
+
+
+def _write_json_atomically(path: Path, value: dict) -> None:
+    partial = path.with_name(f".{path.name}.part")
+    partial.write_text(json.dumps(value))
+    os.replace(partial, path)
