@@ -15,9 +15,8 @@ from dataclasses import dataclass, replace
 from typing import Iterable
 
 from .guidance import GuidanceConfig
+from .request_options import ACCELERATIONS
 from .schedule import DEFAULT_SHIFT
-
-ACCELERATIONS = ("none", "regular", "high")
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-SAMPLE_RATE = 16000
-VIDEO_FPS = 25
+from .audio_input import SAMPLE_RATE, VIDEO_FPS
+
 
 
 @dataclass

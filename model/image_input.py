@@ -19,8 +19,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
+from .request_options import RESOLUTIONS
 
-RESOLUTIONS = ("480p", "720p")
 
 # key = target height / width (the original's strings, in its order) → (H, W); every size is a multiple of 64.
 ASPECT_RATIO_627 = {  # ≈ 627² pixels: the `multitalk-480` bucket

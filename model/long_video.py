@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .configs import VAE_TEMPORAL_SCALE
+
 CLIP_FRAMES = 81
 MOTION_FRAMES = 25
 AUDIO_WINDOW = 5  # audio rows per video frame: offsets −2..+2
-VAE_TEMPORAL_STRIDE = 4
 
 
 @dataclass(frozen=True)
@@ -38,22 +39,22 @@ class ClipPlan:
 
     @property
     def latent_frames(self) -> int:
-        return (self.frames - 1) // VAE_TEMPORAL_STRIDE + 1
+        return (self.frames - 1) // VAE_TEMPORAL_SCALE + 1
 
     @property
     def motion_latent_frames(self) -> int:
         """Latent frames that encode the conditioning frames (exact: the VAE is causal)."""
-        return 1 + (self.condition_frames - 1) // VAE_TEMPORAL_STRIDE
+        return 1 + (self.condition_frames - 1) // VAE_TEMPORAL_SCALE
 
 
 def plan_clips(num_frames: int, clip_frames: int = CLIP_FRAMES, motion_frames: int = MOTION_FRAMES) -> list[ClipPlan]:
     """The clips that produce at least `num_frames` frames (the result is cut to exactly that many)."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
-    if (clip_frames - 1) % VAE_TEMPORAL_STRIDE or not 0 < motion_frames < clip_frames:
+    if (clip_frames - 1) % VAE_TEMPORAL_SCALE or not 0 < motion_frames < clip_frames:
         raise ValueError(f"invalid clip length {clip_frames} / motion frames {motion_frames}")
     if num_frames <= clip_frames:
-        frames = 1 + VAE_TEMPORAL_STRIDE * math.ceil((num_frames - 1) / VAE_TEMPORAL_STRIDE)
+        frames = 1 + VAE_TEMPORAL_SCALE * math.ceil((num_frames - 1) / VAE_TEMPORAL_SCALE)
         return [ClipPlan(0, 0, frames, 1, 0, True)]
     stride = clip_frames - motion_frames
     count = 1 + math.ceil((num_frames - clip_frames) / stride)
@@ -97,8 +98,8 @@ def frame_mask(frames: int, condition_frames: int, latent_hw: tuple[int, int]) -
     """
     mask = torch.ones(1, frames, *latent_hw)
     mask[:, condition_frames:] = 0
-    mask = torch.cat([mask[:, :1].repeat_interleave(VAE_TEMPORAL_STRIDE, dim=1), mask[:, 1:]], dim=1)
-    return mask.view(1, mask.shape[1] // VAE_TEMPORAL_STRIDE, VAE_TEMPORAL_STRIDE, *latent_hw).transpose(1, 2)
+    mask = torch.cat([mask[:, :1].repeat_interleave(VAE_TEMPORAL_SCALE, dim=1), mask[:, 1:]], dim=1)
+    return mask.view(1, mask.shape[1] // VAE_TEMPORAL_SCALE, VAE_TEMPORAL_SCALE, *latent_hw).transpose(1, 2)
 
 
 def condition_video(condition: torch.Tensor, frames: int) -> torch.Tensor:

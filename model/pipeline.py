@@ -15,20 +15,20 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from .acceleration import ACCELERATIONS, SamplingRecipe, recipe_for
+from .acceleration import SamplingRecipe, recipe_for
 from .audio_input import SAMPLES_PER_FRAME, combine_speakers, fit_length, load_speech
 from .errors import GenerationCancelled, InputError
-from .guidance import GuidanceConfig
-from .image_input import RESOLUTIONS, choose_bucket, load_image, pixels_to_tensor, resize_and_center_crop
+from .image_input import choose_bucket, load_image, pixels_to_tensor, resize_and_center_crop
 from .long_video import ClipPlan, plan_clips
 from .lora import load_lora, loaded_loras, use_lora
 from .person_masks import Box, detect_speaker_boxes, person_masks, validate_boxes
+from .request_options import ACCELERATIONS, AUDIO_MODES, MAX_SEED, NUM_FRAMES_RANGE, RESOLUTIONS
 from .schedule import sampling_timesteps
 from .teacache import TeaCacheConfig
 from .video_generation import SamplingSettings, VideoConditioning, generate_video_clips
@@ -37,8 +37,6 @@ from .weights.layout import MultiTalkComponents, Precision, find_layout, load_co
 
 logger = logging.getLogger(__name__)
 
-NUM_FRAMES_RANGE = (41, 241)
-MAX_SEED = 2**32 - 1  # the hosted API accepts 0..4294967295
 # The original's default negative prompt for multitalk-14B (spec §7).
 DEFAULT_NEGATIVE_PROMPT = (
     "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
@@ -110,7 +108,7 @@ def _check_options(request: GenerationRequest) -> None:
         raise InputError("acceleration", f"must be one of {', '.join(ACCELERATIONS)}, got {request.acceleration!r}")
     if request.seed is not None and not (isinstance(request.seed, int) and 0 <= request.seed <= MAX_SEED):
         raise InputError("seed", f"must be an integer from 0 to {MAX_SEED}, got {request.seed!r}")
-    if request.audio_mode not in ("add", "para"):
+    if request.audio_mode not in AUDIO_MODES:
         raise InputError("audio_mode", f"must be 'add' or 'para', got {request.audio_mode!r}")
     if not 1 <= len(request.audio) <= 2:
         raise InputError("second_audio_url", f"one or two audio tracks are supported, got {len(request.audio)}")
@@ -125,20 +123,14 @@ def _check_options(request: GenerationRequest) -> None:
 def _recipe(request: GenerationRequest, loras: Sequence[str]) -> SamplingRecipe:
     """The preset of `acceleration`, then any explicit overrides of the request."""
     recipe = recipe_for(request.acceleration, request.resolution, loras)
-    guidance = recipe.guidance
-    guidance = GuidanceConfig(
-        text_scale=guidance.text_scale if request.text_scale is None else request.text_scale,
-        audio_scale=guidance.audio_scale if request.audio_scale is None else request.audio_scale,
-        use_apg=request.use_apg,
-    )
-    return SamplingRecipe(
-        steps=request.steps or recipe.steps,
-        shift=recipe.shift if request.shift is None else request.shift,
-        guidance=guidance,
-        teacache_threshold=recipe.teacache_threshold if request.teacache_threshold is None else request.teacache_threshold,
-        lora=recipe.lora,
-        lora_scale=recipe.lora_scale,
-    )
+
+    def given(**values) -> dict:
+        return {name: value for name, value in values.items() if value is not None}
+
+    guidance = replace(recipe.guidance, use_apg=request.use_apg,
+                       **given(text_scale=request.text_scale, audio_scale=request.audio_scale))
+    return replace(recipe, guidance=guidance,
+                   **given(steps=request.steps, shift=request.shift, teacache_threshold=request.teacache_threshold))
 
 
 class Pipeline:

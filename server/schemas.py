@@ -7,8 +7,8 @@ Validation is pydantic's lax mode, the one fal's own FastAPI apps use, so numeri
 and integral floats (181.0) are accepted as numbers; the one exception is that JSON booleans are
 refused where an integer is expected (lax mode would read `true` as 1, and `true` is no frame count).
 
-Nothing here imports torch: the model's limits are restated as constants (a test keeps them equal
-to `model.pipeline`'s), and `to_generation_options` returns a plain dict for
+Nothing here imports torch: the limits and choices come from the torch-free
+`model.request_options`, and `to_generation_options` returns a plain dict for
 `model.pipeline.GenerationRequest`.
 """
 
@@ -23,8 +23,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-NUM_FRAMES_RANGE = (41, 241)  # = model.pipeline.NUM_FRAMES_RANGE
-MAX_SEED = 2**32 - 1  # = model.pipeline.MAX_SEED
+from model.request_options import ACCELERATIONS, AUDIO_MODES, MAX_SEED, NUM_FRAMES_RANGE, RESOLUTIONS
+
 DEFAULT_SEED = 81  # the hosted schema's default when `seed` is absent
 URL_SCHEMES = ("http", "https", "data")
 MAX_DATA_URI_CHARS = 8 * 1024 * 1024  # inline media beyond this belongs behind a URL or an upload
@@ -110,19 +110,19 @@ class AvatarMultiInput(BaseModel):
     )
     prompt: str = Field(description="What the video shows.", examples=[_EXAMPLE_INPUT["prompt"]])
     num_frames: NumFrames = Field(181, description="Frames to generate at 25 fps (181 ≈ 7.2 s).", examples=[181])
-    resolution: Literal["480p", "720p"] = Field("480p", description="Output resolution.")
+    resolution: Literal[RESOLUTIONS] = Field("480p", description="Output resolution.")
     seed: Seed | None = Field(
         DEFAULT_SEED,
         description="Random seed. Absent: 81. Explicit null: a random seed is drawn and returned in the result.",
         examples=[81],
     )
     use_only_first_audio: bool = Field(False, description="Animate only person 1, ignoring `second_audio_url`.")
-    acceleration: Literal["none", "regular", "high"] = Field(
+    acceleration: Literal[ACCELERATIONS] = Field(
         "regular", description="Speed preset: none (most steps), regular, high (fewest steps)."
     )
 
     # Extensions beyond the hosted schema (fal clients never send them; the defaults are fal's behaviour).
-    audio_mode: Literal["add", "para"] = Field(
+    audio_mode: Literal[AUDIO_MODES] = Field(
         "add", description="Extension. add: the speakers take turns (person 1, then person 2); para: both tracks "
         "play at the same time."
     )

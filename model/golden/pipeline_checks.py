@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..audio_input import combine_speakers, decode_audio, loudness_normalize, resample, to_mono
+from ..configs import TEXT_LEN
 from ..guidance import GuidanceConfig, GuidanceInputs
 from ..image_input import choose_bucket, load_image, pixels_to_tensor, resize_and_center_crop
 from ..long_video import ClipPlan, clip_audio, frame_mask, plan_clips
@@ -84,7 +85,7 @@ def run_latent_init(folder: GoldenFolder, check: dict) -> list:
     return [{"noise": noise, "y_mask": mask}[e["role"]] for e in check["expected"]]
 
 
-def _branches(kwargs: dict, text_scale: float) -> list[dict]:
+def _branches(kwargs: dict) -> list[dict]:
     """Describe each batched guidance pass as the original's driver records it."""
     prompt = kwargs["encoder_hidden_states"][0]
     branches = []
@@ -92,7 +93,7 @@ def _branches(kwargs: dict, text_scale: float) -> list[dict]:
         audio = kwargs["audio_embeds"][i, :speakers]
         branches.append({
             "text": "cond" if torch.equal(kwargs["encoder_hidden_states"][i], prompt) else "null",
-            "zero_audio": bool(speakers == 1 and not audio.any() and i > 0),
+            "zero_audio": not audio.any(),
             "audio_shape": list(audio.shape),
         })
     return branches
@@ -112,8 +113,8 @@ def run_audio_windows(folder: GoldenFolder, check: dict) -> list:
         "cond": full["audio_embeds"][0],
         "drop_text": full["audio_embeds"][1],
         "uncond": full["audio_embeds"][2, : full["num_speakers"][2]],
-        "branches_text_scale_5": _branches(full, 5.0),
-        "branches_text_scale_1": _branches(inputs_.transformer_kwargs(1.0), 1.0),
+        "branches_text_scale_5": _branches(full),
+        "branches_text_scale_1": _branches(inputs_.transformer_kwargs(1.0)),
     }
     return [values[e["role"]] for e in check["expected"]]
 
@@ -124,13 +125,13 @@ def run_teacache_decisions(folder: GoldenFolder, check: dict) -> list:
     model = dit_model(str(folder.root), inputs["model"])
     value = {role: folder.value(ref) for role, ref in inputs.items() if role != "model"}
     audio = value["audio"]
-    zero_audio = torch.zeros_like(audio)[-1:]
     order = p["call_order"]
     config = TeaCacheConfig.for_run(_resolution(p["model_scale"]), p["teacache_thresh"], p["sample_steps"],
                                     p["use_ret_steps"])
     cache = TeaCache(config, [c["branch"] for c in order])
-    texts = [F.pad(value[c["context"]], (0, 0, 0, 512 - value[c["context"]].shape[0])) for c in order]
-    streams = [audio if c["audio"] == "audio" else F.pad(zero_audio, (0,) * 8 + (0, audio.shape[0] - 1)) for c in order]
+    texts = [F.pad(value[c["context"]], (0, 0, 0, TEXT_LEN - value[c["context"]].shape[0])) for c in order]
+    # The null-audio pass reads only the first stream (num_speakers 1): one all-zero stream, as the original's.
+    streams = [audio if c["audio"] == "audio" else torch.zeros_like(audio) for c in order]
     speakers = [audio.shape[0] if c["audio"] == "audio" else 1 for c in order]
     outs = []
     with torch.no_grad():
