@@ -24,6 +24,15 @@ def golden_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def redis_url():
+    """A real redis-server for the session (tests/local_servers.py)."""
+    from local_servers import running_redis
+
+    with running_redis() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
     """Tiny checkpoints from seed 0 in both published layouts: {"multitalk": root, "diffusers": root}."""
     from model.weights.tiny import write_tiny_weights

@@ -8,9 +8,6 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,41 +21,6 @@ from server.jobs import WORKER_LOST, QueueFull, RedisJobStore, SqliteJobStore, o
 
 APP = "fal-ai/ai-avatar/multi"
 LEASE_S = 0.3  # the lease tests sleep past it
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def redis_url():
-    binary = shutil.which("redis-server")
-    if binary is None:
-        reason = "redis-server is not on PATH (apt-get install redis-server) to test the Redis job store"
-        if os.environ.get("MULTITALK_REQUIRE_REDIS") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    port = _free_port()
-    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                              stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.02)
-    yield url
-    client.close()
-    server.terminate()
-    server.wait(10)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
