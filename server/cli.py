@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 from .generate_command import add_generate_parser
+from .logging_setup import setup_logging
+from .serve_command import add_server_parsers
 
 
 def _weights_check(args: argparse.Namespace) -> int:
@@ -51,13 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="machine-readable report")
     check.set_defaults(handler=_weights_check)
     add_generate_parser(commands)
+    add_server_parsers(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     return args.handler(args)
 
 

@@ -7,6 +7,10 @@ them (§B.3). Two things are ours: every `msg` starts with the field it is about
 often show `msg` alone; and long strings inside `input` are shortened, so a rejected 8 MiB data
 URI is not echoed back in full.
 
+Errors that are not about a field (not found, unauthorised, queue full, body too large) use fal's
+flat request-error shape instead: `{"detail": "<message>", "error_type": "<category>"}` plus the
+`X-Fal-Error-Type` header, which the Python client reads into `FalClientHTTPError.error_type`.
+
 The same body serves pydantic's errors (request validation, or a stored body re-validated by a
 job) and the model's `InputError` (a field that validated but could not be used, e.g. an audio URL
 that does not decode), so a client sees one format whichever layer noticed the problem.
@@ -82,6 +86,24 @@ def input_error_response(exc: InputError) -> JSONResponse:
     return JSONResponse(input_error_body(exc), status_code=422)
 
 
+class RequestError(Exception):
+    """A request the server answers with a flat fal error; raised by routes and dependencies."""
+
+    def __init__(self, status_code: int, detail: str, error_type: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status_code, self.detail, self.error_type, self.headers = status_code, detail, error_type, headers or {}
+
+
+def request_error_response(status_code: int, detail: str, error_type: str,
+                           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "error_type": error_type}, status_code=status_code,
+                        headers={"x-fal-error-type": error_type, **(headers or {})})
+
+
+async def _on_request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return request_error_response(exc.status_code, exc.detail, exc.error_type, exc.headers)
+
+
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return validation_error_response(exc.errors())
 
@@ -91,6 +113,8 @@ async def _on_input_error(request: Request, exc: InputError) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Answer invalid requests, and InputErrors escaping a route, with the 422 body above."""
+    """Answer invalid requests and InputErrors escaping a route with the 422 body above, and
+    RequestErrors with the flat body."""
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(InputError, _on_input_error)
+    app.add_exception_handler(RequestError, _on_request_error)

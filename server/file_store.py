@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,19 @@ class FileStore:
             return False
         return True
 
+    def delete_older_than(self, age_s: float, now: float | None = None) -> int:
+        """Delete files (and unused upload reservations) last written more than age_s ago; returns
+        how many files went. This is the retention rule: results and inputs live as long as jobs do."""
+        cutoff = (time.time() if now is None else now) - age_s
+        deleted = 0
+        for path in (self.root / "data").iterdir():
+            if _ID.fullmatch(path.name) and _mtime(path) < cutoff and self.delete(path.name):
+                deleted += 1
+        for path in (self.root / "pending").iterdir():
+            if _mtime(path) < cutoff:
+                path.unlink(missing_ok=True)
+        return deleted
+
     # -- internals ------------------------------------------------------------------------------
 
     def _new_id(self, file_name: str | None, content_type: str | None) -> str:
@@ -222,6 +236,14 @@ class FileStore:
         }
         _write_json_atomically(self._meta_path(file_id), meta)
         return self.get(file_id)
+
+
+def _mtime(path: Path) -> float:
+    """Modification time, or +inf for a file already gone (a concurrent cleanup)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
 
 
 def _port(parts: SplitResult) -> int | None:

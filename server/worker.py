@@ -21,7 +21,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from model.errors import GenerationCancelled, InputError
 
@@ -38,7 +38,10 @@ logger = logging.getLogger("multitalk.worker")
 class WorkerSettings:
     lease_s: float = 60.0  # a worker that stops renewing for this long is presumed dead
     poll_s: float = 1.0  # wait between claims when the queue is empty
+    max_attempts: int = 2  # runs a job gets when its workers keep dying
     fetch: FetchSettings = field(default_factory=FetchSettings)
+    # GenerationRequest fields forced on every job (frame_size, steps): previews and CPU demos.
+    request_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 class LeaseKeeper:
@@ -65,19 +68,31 @@ class LeaseKeeper:
                 return
 
 
+def new_worker_id() -> str:
+    """Unique per worker process: host, pid and a random tail (pids repeat across restarts)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
 class Worker:
+    """`on_completed` is called with each job this worker completes (for its webhook)."""
+
     def __init__(self, store: JobStore, pipeline, files: FileStore, settings: WorkerSettings | None = None,
-                 worker_id: str | None = None):
+                 worker_id: str | None = None, on_completed: Callable[[Job], None] | None = None):
         self.store = store
         self.pipeline = pipeline
         self.files = files
         self.settings = settings or WorkerSettings()
-        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.worker_id = worker_id or new_worker_id()
+        self.on_completed = on_completed or (lambda job: None)
+        self.current_job_id: str | None = None  # shown in the worker's heartbeat
 
     def serve_forever(self, stop: threading.Event) -> None:
-        logger.info("worker started worker_id=%s", self.worker_id)
+        logger.info("worker serving worker_id=%s", self.worker_id)
         while not stop.is_set():
-            self.store.requeue_expired()
+            for job in self.store.requeue_expired(self.settings.max_attempts):
+                logger.warning("lease expired id=%s now=%s", job.id, job.status)
+                if job.status == "COMPLETED":
+                    self.on_completed(job)
             if not self.run_once():
                 stop.wait(self.settings.poll_s)
 
@@ -87,10 +102,17 @@ class Worker:
         if job is None:
             return False
         logger.info("job started id=%s attempt=%d", job.id, job.attempts)
-        with LeaseKeeper(self.store, job.id, self.worker_id, self.settings.lease_s) as lease:
-            outcome, result, error, error_type = self._run(job, lease)
-        self.store.finish(job.id, self.worker_id, outcome, result, error, error_type)
-        logger.info("job finished id=%s outcome=%s", job.id, outcome)
+        self.current_job_id = job.id
+        try:
+            with LeaseKeeper(self.store, job.id, self.worker_id, self.settings.lease_s) as lease:
+                outcome, result, error, error_type = self._run(job, lease)
+        finally:
+            self.current_job_id = None
+        if self.store.finish(job.id, self.worker_id, outcome, result, error, error_type):
+            logger.info("job finished id=%s outcome=%s", job.id, outcome)
+            self.on_completed(self.store.get(job.id))
+        else:
+            logger.warning("job lost its lease before finishing id=%s; its next attempt decides", job.id)
         return True
 
     def _log(self, job: Job, message: str, level: str = "INFO") -> None:
@@ -106,7 +128,8 @@ class Worker:
             from model.pipeline import GenerationRequest  # torch only in the worker process
 
             request = GenerationRequest(image=image, audio=audio, output=workdir / "output.mp4",
-                                        **to_generation_options(request_input, seed))
+                                        **{**to_generation_options(request_input, seed),
+                                           **self.settings.request_overrides})
 
             def progress(event) -> None:
                 self._log(job, event.message)

@@ -6,6 +6,7 @@ processes each opening their own, as the API process and the workers do."""
 from __future__ import annotations
 
 import functools
+import math
 import multiprocessing
 import os
 import threading
@@ -17,7 +18,7 @@ from typing import Callable
 import pytest
 import redis
 
-from server.jobs import WORKER_LOST, QueueFull, RedisJobStore, SqliteJobStore, open_job_store
+from server.jobs import DURATION_BUCKETS_S, WORKER_LOST, QueueFull, RedisJobStore, SqliteJobStore, open_job_store
 
 APP = "fal-ai/ai-avatar/multi"
 LEASE_S = 0.3  # the lease tests sleep past it
@@ -38,6 +39,26 @@ def store(spec):
     opened = open_job_store(*spec)
     yield opened
     opened.close()
+
+
+class _Clock:
+    """A store clock the test sets, so durations come out exact on both backends."""
+
+    def __init__(self, now_s: float):
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
+@pytest.fixture
+def clock(store, monkeypatch) -> _Clock:
+    fake = _Clock(1000.0)
+    monkeypatch.setattr(store, "_now", fake)
+    return fake
 
 
 def _submit_n(store, n: int) -> list[str]:
@@ -142,6 +163,7 @@ def test_concurrent_claimers_take_each_job_exactly_once(store, spec, mode):
                for id in batch]
     assert sorted(claimed) == sorted(ids)
     assert store.counts()["running"] == 50 and store.counts()["queued"] == 0
+    assert store.stats().wait_seconds.count == 50, "each claim counted once, with its job's change"
 
 
 @pytest.mark.parametrize("mode", ["threads", "processes"])
@@ -271,3 +293,88 @@ def test_expire_finished_deletes_old_finished_jobs(store):
     assert store.get(running).status == "IN_PROGRESS" and store.get(queued).status == "IN_QUEUE"
     assert store.expire_finished(older_than_s=0) == []
     assert store.counts() == {"queued": 1, "running": 1, "completed": {"OK": 0, "ERROR": 0, "CANCELLED": 0}}
+
+
+def test_heartbeats_expire_after_their_ttl(store):
+    store.record_worker("w2", {"state": "ready", "job_id": None}, ttl_s=60)
+    store.record_worker("w1", {"state": "loading", "gpu_memory": {"allocated_bytes": 1 << 30}}, ttl_s=LEASE_S)
+    workers = store.live_workers()
+    assert [w.id for w in workers] == ["w1", "w2"]
+    assert workers[0].info == {"state": "loading", "gpu_memory": {"allocated_bytes": 1 << 30}}
+    assert all(abs(w.seen_at - time.time()) < 5 for w in workers)
+    time.sleep(LEASE_S + 0.1)
+    assert [w.id for w in store.live_workers()] == ["w2"]
+    with pytest.raises(ValueError):
+        store.record_worker("w1", {}, ttl_s=0)
+
+
+def test_a_new_heartbeat_replaces_the_last(store):
+    store.record_worker("w1", {"state": "loading"}, ttl_s=LEASE_S)
+    first = store.live_workers()[0]
+    time.sleep(LEASE_S * 0.6)
+    store.record_worker("w1", {"state": "ready"}, ttl_s=LEASE_S)
+    time.sleep(LEASE_S * 0.6)
+    [second] = store.live_workers()
+    assert second.info == {"state": "ready"} and second.seen_at > first.seen_at, "alive past the first ttl"
+
+
+def test_forget_worker_and_other_store_instances(spec, store):
+    other = open_job_store(*spec)
+    store.record_worker("w1", {"state": "ready"}, ttl_s=60)
+    other.record_worker("w2", {"state": "ready"}, ttl_s=60)
+    assert store.live_workers() == other.live_workers() and len(other.live_workers()) == 2
+    other.forget_worker("w1")
+    other.forget_worker("no-such-worker")
+    assert [w.id for w in store.live_workers()] == ["w2"]
+    other.close()
+
+
+def test_stats_count_every_way_a_job_completes_and_outlive_the_jobs(spec, store, clock):
+    ok, failed, cancelled, stopped, lost = _submit_n(store, 5)
+    store.claim("w1", 60)
+    store.finish(ok, "w1", "OK", result={})
+    store.claim("w1", 60)
+    store.finish(failed, "w1", "ERROR", error="boom")
+    assert store.request_cancel(cancelled) == "OK"
+    store.claim("w1", 60)
+    store.request_cancel(stopped)
+    store.finish(stopped, "w1", "CANCELLED")
+    for _ in range(2):  # lost twice: re-queued (not completed), then failed
+        assert store.claim("w1", 1).id == lost
+        clock.advance(2)
+        assert store.stats().completed == {"OK": 1, "ERROR": 1, "CANCELLED": 2}
+        store.requeue_expired(max_attempts=2)
+    assert store.get(lost).error_type == WORKER_LOST
+    stats = store.stats()
+    assert stats.completed == {"OK": 1, "ERROR": 2, "CANCELLED": 2}
+    assert stats.run_seconds.count == 4, "the job cancelled in the queue never ran"
+    assert stats.wait_seconds.count == 5, "a re-queued job waits again"
+    clock.advance(1)
+    assert len(store.expire_finished(older_than_s=0)) == 5
+    assert store.counts()["completed"] == {"OK": 0, "ERROR": 0, "CANCELLED": 0}
+    assert store.stats() == stats
+    store.close()
+    reopened = open_job_store(*spec)
+    assert reopened.stats() == stats
+    reopened.close()
+
+
+def test_stats_histograms_bucket_and_sum_durations(store, clock):
+    quick, long = _submit_n(store, 2)
+    clock.advance(5)
+    store.claim("w1", 9999)  # waited 5 s: the `le=5` bucket, bounds are inclusive
+    clock.advance(70)
+    store.finish(quick, "w1", "OK")  # ran 70 s
+    store.claim("w1", 9999)  # waited 75 s
+    clock.advance(4000)
+    store.finish(long, "w1", "OK")  # ran 4000 s: past the last finite bound
+    stats = store.stats()
+
+    def bucket_counts(by_bound_s: dict[float, int]) -> tuple[int, ...]:
+        return tuple(by_bound_s.get(bound, 0) for bound in DURATION_BUCKETS_S)
+
+    assert stats.wait_seconds.bounds_s == DURATION_BUCKETS_S
+    assert stats.wait_seconds.counts == bucket_counts({5: 1, 120: 1})
+    assert stats.run_seconds.counts == bucket_counts({120: 1, math.inf: 1})
+    assert (stats.wait_seconds.count, stats.run_seconds.count) == (2, 2)
+    assert stats.wait_seconds.sum_s == pytest.approx(80) and stats.run_seconds.sum_s == pytest.approx(4070)

@@ -8,22 +8,27 @@ from .redis_store import RedisJobStore
 from .sqlite_store import SqliteJobStore
 from .store import (
     COMPLETED,
+    DURATION_BUCKETS_S,
     IN_PROGRESS,
     IN_QUEUE,
     LOG_LEVELS,
     OUTCOMES,
     WORKER_LOST,
     CancelResult,
+    Histogram,
     Job,
+    JobStats,
     JobStore,
     Outcome,
     QueueFull,
     Status,
+    WorkerInfo,
 )
 
 __all__ = [
-    "COMPLETED", "IN_PROGRESS", "IN_QUEUE", "LOG_LEVELS", "OUTCOMES", "WORKER_LOST", "CancelResult", "Job",
-    "JobStore", "Outcome", "QueueFull", "RedisJobStore", "SqliteJobStore", "Status", "open_job_store",
+    "COMPLETED", "DURATION_BUCKETS_S", "IN_PROGRESS", "IN_QUEUE", "LOG_LEVELS", "OUTCOMES", "WORKER_LOST",
+    "CancelResult", "Histogram", "Job", "JobStats", "JobStore", "Outcome", "QueueFull", "RedisJobStore",
+    "SqliteJobStore", "Status", "WorkerInfo", "open_job_store",
 ]
 
 

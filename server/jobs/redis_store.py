@@ -3,7 +3,10 @@
 Keys under `prefix`: a hash per job (`job:<id>`, the Job's record plus its submission number `seq`),
 a list per job's logs (`logs:<id>`), and sorted sets that index jobs by state: `queue` (score: seq,
 so a re-queued job gets its place back), `running` (score: lease end), `done:<outcome>` (score:
-finish time). The hash and its index entry always change together in one MULTI/EXEC.
+finish time). The hash and its index entry always change together in one MULTI/EXEC, with the
+statistics counters in the hash `stats` that the change adds to. A worker's heartbeat is a key
+`worker:<id>` that expires with its ttl, listed by the sorted set `workers` (score: expiry), whose
+stale entries the next heartbeat removes.
 
 Atomicity is optimistic (WATCH, then MULTI/EXEC, retried when a watched key changed): a change to a
 job watches its hash; a claim or a bounded submit also watches `queue`, so two claimers never take
@@ -16,11 +19,12 @@ be (enable `appendonly` for restarts of Redis itself).
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Callable
 
 import redis
 
-from .store import IN_PROGRESS, IN_QUEUE, OUTCOMES, Job, JobStore, check_room
+from .store import IN_PROGRESS, IN_QUEUE, OUTCOMES, Job, JobStore, WorkerInfo, check_room, stat_increments
 
 
 class RedisJobStore(JobStore):
@@ -31,6 +35,8 @@ class RedisJobStore(JobStore):
         self._prefix = prefix
         self._queue = f"{prefix}:queue"
         self._running = f"{prefix}:running"
+        self._stats = f"{prefix}:stats"
+        self._workers = f"{prefix}:workers"
 
     def _job_key(self, id: str) -> str:
         return f"{self._prefix}:job:{id}"
@@ -40,6 +46,9 @@ class RedisJobStore(JobStore):
 
     def _done_key(self, outcome: str) -> str:
         return f"{self._prefix}:done:{outcome}"
+
+    def _worker_key(self, worker_id: str) -> str:
+        return f"{self._prefix}:worker:{worker_id}"
 
     def close(self) -> None:
         self._redis.close()
@@ -60,6 +69,12 @@ class RedisJobStore(JobStore):
             pipe.zcard(key)
         queued, running, *completed = pipe.execute()
         return {"queued": queued, "running": running, "completed": dict(zip(OUTCOMES, completed))}
+
+    def forget_worker(self, worker_id: str) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(self._worker_key(worker_id))
+        pipe.zrem(self._workers, worker_id)
+        pipe.execute()
 
     def _now(self) -> float:
         seconds, microseconds = self._redis.time()
@@ -101,6 +116,7 @@ class RedisJobStore(JobStore):
         if after is not None:
             pipe.multi()
             self._save(pipe, after, int(record["seq"]))
+            self._add_stats(pipe, stat_increments(before, after))
         return before, after
 
     def _save(self, pipe: redis.client.Pipeline, job: Job, seq: int) -> None:
@@ -120,6 +136,13 @@ class RedisJobStore(JobStore):
         else:
             pipe.zadd(self._done_key(job.outcome), {job.id: job.finished_at})
 
+    def _add_stats(self, pipe: redis.client.Pipeline, increments: dict[str, int | float]) -> None:
+        for name, amount in increments.items():
+            if isinstance(amount, int):
+                pipe.hincrby(self._stats, name, amount)
+            else:
+                pipe.hincrbyfloat(self._stats, name, amount)
+
     def _expired_ids(self, now: float) -> list[str]:
         return self._redis.zrangebyscore(self._running, "-inf", f"({now}")
 
@@ -138,3 +161,24 @@ class RedisJobStore(JobStore):
         removed = pipe.execute()[::2]
         # A concurrent caller that removed an id first owns it (and its files).
         return [id for (_, id), was_there in zip(found, removed) if was_there]
+
+    def _read_stats(self) -> dict[str, float]:
+        return {name: float(value) for name, value in self._redis.hgetall(self._stats).items()}
+
+    def _save_worker(self, worker: WorkerInfo, expires_at: float) -> None:
+        ttl_ms = math.ceil((expires_at - worker.seen_at) * 1000)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self._worker_key(worker.id), json.dumps({"seen_at": worker.seen_at, "info": worker.info}), px=ttl_ms)
+        pipe.zadd(self._workers, {worker.id: expires_at})
+        pipe.zremrangebyscore(self._workers, "-inf", worker.seen_at)
+        pipe.execute()
+
+    def _workers_alive_at(self, now: float) -> list[WorkerInfo]:
+        ids = self._redis.zrangebyscore(self._workers, f"({now}", "+inf")
+        values = self._redis.mget([self._worker_key(id) for id in ids]) if ids else []
+        workers = []
+        for id, value in zip(ids, values):
+            if value is not None:  # None: the key expired between the two reads, the worker is gone
+                saved = json.loads(value)
+                workers.append(WorkerInfo(id=id, seen_at=saved["seen_at"], info=saved["info"]))
+        return workers

@@ -4,10 +4,13 @@ Several processes on one host (the API and its workers) may open the same file. 
 readers run beside the one writer; every change is one short `BEGIN IMMEDIATE` transaction, which
 takes the database's write lock before reading, so a bounded submit or a claim is atomic across
 processes, not just threads. Writers that find the lock taken wait (busy timeout) instead of failing.
+Statistics counters live in `stats`, changed in the transaction that changes the job; heartbeats in
+`workers`, whose expired rows the next heartbeat deletes.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -15,7 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .store import COMPLETED, IN_PROGRESS, IN_QUEUE, JOB_FIELDS, OUTCOMES, Job, JobStore, check_room
+from .store import (COMPLETED, IN_PROGRESS, IN_QUEUE, JOB_FIELDS, OUTCOMES, Job, JobStore, WorkerInfo, check_room,
+                    stat_increments)
 
 _BUSY_TIMEOUT_S = 30.0
 
@@ -52,9 +56,24 @@ CREATE TABLE IF NOT EXISTS logs (
     timestamp REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS logs_by_job ON logs (job_id, seq);
+CREATE TABLE IF NOT EXISTS stats (
+    name TEXT PRIMARY KEY,
+    value NUMERIC NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    info TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
 """
 _INSERT = f"INSERT INTO jobs ({', '.join(JOB_FIELDS)}) VALUES ({', '.join(':' + f for f in JOB_FIELDS)})"
 _UPDATE = f"UPDATE jobs SET {', '.join(f'{f} = :{f}' for f in JOB_FIELDS if f != 'id')} WHERE id = :id"
+_ADD_STAT = ("INSERT INTO stats (name, value) VALUES (?, ?) "
+             "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value")
+_SAVE_WORKER = ("INSERT INTO workers (id, info, seen_at, expires_at) VALUES (:id, :info, :seen_at, :expires_at) "
+                "ON CONFLICT (id) DO UPDATE SET info = excluded.info, seen_at = excluded.seen_at, "
+                "expires_at = excluded.expires_at")
 
 
 class SqliteJobStore(JobStore):
@@ -132,6 +151,10 @@ class SqliteJobStore(JobStore):
                 counts["queued" if status == IN_QUEUE else "running"] += n
         return counts
 
+    def forget_worker(self, worker_id: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
     def _now(self) -> float:
         return time.time()
 
@@ -169,14 +192,29 @@ class SqliteJobStore(JobStore):
             db.executemany("DELETE FROM jobs WHERE id = ?", [(id,) for id in ids])
         return ids
 
+    def _read_stats(self) -> dict[str, float]:
+        return dict(self._db().execute("SELECT name, value FROM stats").fetchall())
+
+    def _save_worker(self, worker: WorkerInfo, expires_at: float) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM workers WHERE expires_at <= ?", (worker.seen_at,))
+            db.execute(_SAVE_WORKER, {"id": worker.id, "info": json.dumps(worker.info), "seen_at": worker.seen_at,
+                                      "expires_at": expires_at})
+
+    def _workers_alive_at(self, now: float) -> list[WorkerInfo]:
+        rows = self._db().execute("SELECT id, info, seen_at FROM workers WHERE expires_at > ?", (now,))
+        return [WorkerInfo(id=id, seen_at=seen_at, info=json.loads(info)) for id, info, seen_at in rows]
+
 
 def _apply(db: sqlite3.Connection, row: sqlite3.Row | None,
            change: Callable[[Job], Job | None]) -> tuple[Job | None, Job | None]:
-    """Inside a write transaction: the job in `row`, changed and saved; (before, after)."""
+    """Inside a write transaction: the job in `row`, changed and saved with the statistics its change
+    adds; (before, after)."""
     if row is None:
         return None, None
     before = Job.from_record(dict(row))
     after = change(before)
     if after is not None:
         db.execute(_UPDATE, after.to_record())
+        db.executemany(_ADD_STAT, stat_increments(before, after).items())
     return before, after

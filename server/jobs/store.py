@@ -11,12 +11,18 @@ COMPLETED with an `outcome` of ERROR or CANCELLED (fal has no FAILED/CANCELLED s
 A worker holds a running job through a lease that it renews; a job whose lease runs out (its worker
 died) is put back in the queue at its original place, or failed with a clear error once it has used
 its attempts, so it is never silently lost.
+
+The store also keeps what /metrics reports beyond the jobs stored now: totals of completed jobs and
+histograms of their run and queue-wait times, counted atomically with the transition that ends (or
+starts) a job, so they survive expire_finished(); and the heartbeats of live workers, each valid for
+a time-to-live the worker chooses, so a crashed worker drops out on its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import uuid
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Literal, Mapping
@@ -34,6 +40,8 @@ OUTCOMES: tuple[Outcome, ...] = ("OK", "ERROR", "CANCELLED")
 LOG_LEVELS = ("STDERR", "STDOUT", "ERROR", "INFO", "WARN", "DEBUG")
 # error_type of a job failed because its worker kept dying (crash, OOM kill, lost host).
 WORKER_LOST = "WorkerLost"
+# Upper bounds of the run-time and queue-wait histogram buckets, from a quick tiny-model job to an hour-long video.
+DURATION_BUCKETS_S: tuple[float, ...] = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, math.inf)
 
 
 class QueueFull(Exception):
@@ -97,6 +105,93 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
     "attempts": int,
     "cancel_requested": lambda raw: bool(int(raw)),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    """A worker's last heartbeat: `seen_at` on the store's clock, `info` the JSON-able dict it sent
+    (state, weights, device, job_id, gpu_memory...)."""
+
+    id: str
+    seen_at: float
+    info: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Histogram:
+    """Durations counted per bucket. Not cumulative: counts[i] is how many fell in
+    (bounds_s[i-1], bounds_s[i]], so recording one touches one bucket; Prometheus' cumulative `le`
+    buckets are running sums of these."""
+
+    bounds_s: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum_s: float
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobStats:
+    """Totals since the store was created, unlike counts(), which sees only the jobs stored now:
+    completed jobs per outcome, the run time of those that started (finished_at - started_at), and
+    the queue wait of each claim (started_at - created_at; for a re-queued job, this includes its lost
+    attempt)."""
+
+    completed: dict[str, int]
+    run_seconds: Histogram
+    wait_seconds: Histogram
+
+    @classmethod
+    def from_counters(cls, counters: Mapping[str, float]) -> JobStats:
+        """Read back the named counters that stat_increments adds to (missing ones are zero)."""
+        return cls(completed={outcome: int(counters.get(_completed_key(outcome), 0)) for outcome in OUTCOMES},
+                   run_seconds=_histogram(counters, _RUN_SECONDS), wait_seconds=_histogram(counters, _WAIT_SECONDS))
+
+
+# Statistics are flat named counters, so a backend stores them as one table or hash and adds to
+# them in the transaction that changes the job.
+_RUN_SECONDS = "run_seconds"
+_WAIT_SECONDS = "wait_seconds"
+
+
+def _completed_key(outcome: str) -> str:
+    return f"completed:{outcome}"
+
+
+def _bucket_key(histogram: str, bound_s: float) -> str:
+    return f"{histogram}:le={bound_s:g}"
+
+
+def _sum_key(histogram: str) -> str:
+    return f"{histogram}:sum"
+
+
+def _histogram(counters: Mapping[str, float], name: str) -> Histogram:
+    return Histogram(bounds_s=DURATION_BUCKETS_S,
+                     counts=tuple(int(counters.get(_bucket_key(name, bound), 0)) for bound in DURATION_BUCKETS_S),
+                     sum_s=float(counters.get(_sum_key(name), 0.0)))
+
+
+def _observed(histogram: str, seconds: float) -> dict[str, int | float]:
+    # Clamped: a clock stepped back between two events must not make a negative duration.
+    seconds = max(0.0, seconds)
+    bound = next(bound for bound in DURATION_BUCKETS_S if seconds <= bound)
+    return {_bucket_key(histogram, bound): 1, _sum_key(histogram): seconds}
+
+
+def stat_increments(before: Job, after: Job) -> dict[str, int | float]:
+    """What the change from `before` to `after` adds to the named statistics counters (integers
+    for counts, floats for sums of seconds). Backends add these atomically with storing `after`."""
+    if before.status == IN_QUEUE and after.status == IN_PROGRESS:
+        return _observed(_WAIT_SECONDS, after.started_at - after.created_at)
+    if before.status != COMPLETED and after.status == COMPLETED:
+        increments: dict[str, int | float] = {_completed_key(after.outcome): 1}
+        if after.started_at is not None:
+            increments |= _observed(_RUN_SECONDS, after.finished_at - after.started_at)
+        return increments
+    return {}
 
 
 def check_room(queued: int, max_queue: int | None) -> None:
@@ -234,6 +329,21 @@ class JobStore(ABC):
             raise ValueError(f"level must be one of {LOG_LEVELS}, got {level!r}")
         self._push_log(id, {"message": message, "level": level, "source": source, "timestamp": self._now()})
 
+    def stats(self) -> JobStats:
+        """Completion totals and duration histograms since the store was created (see JobStats)."""
+        return JobStats.from_counters(self._read_stats())
+
+    def record_worker(self, worker_id: str, info: dict[str, Any], ttl_s: float) -> None:
+        """A worker's heartbeat: store (or replace) its `info`, alive until ttl_s from now. A worker
+        sends one more often than ttl_s, so one that stops (crash, lost host) drops out by itself."""
+        _check_positive("ttl_s", ttl_s)
+        now = self._now()
+        self._save_worker(WorkerInfo(id=worker_id, seen_at=now, info=info), expires_at=now + ttl_s)
+
+    def live_workers(self) -> list[WorkerInfo]:
+        """The workers whose last heartbeat is still within its ttl, by id."""
+        return sorted(self._workers_alive_at(self._now()), key=lambda worker: worker.id)
+
     def expire_finished(self, older_than_s: float) -> list[str]:
         """Delete jobs (and their logs) finished more than older_than_s ago; returns their ids so
         the caller deletes their files. Each id is returned to one caller only."""
@@ -256,7 +366,11 @@ class JobStore(ABC):
     @abstractmethod
     def counts(self) -> dict[str, Any]:
         """{"queued": n, "running": n, "completed": {"OK": n, "ERROR": n, "CANCELLED": n}} over the
-        jobs stored now (expired jobs no longer count), for /metrics."""
+        jobs stored now (expired jobs no longer count; stats() keeps the totals)."""
+
+    @abstractmethod
+    def forget_worker(self, worker_id: str) -> None:
+        """Drop a worker's heartbeat at once (a clean shutdown) instead of waiting for its ttl."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -273,12 +387,14 @@ class JobStore(ABC):
 
     @abstractmethod
     def _claim(self, change: Callable[[Job], Job]) -> Job | None:
-        """Atomically apply `change` to the oldest queued job and store the result; None if none."""
+        """Atomically apply `change` to the oldest queued job and store the result, adding
+        stat_increments(before, after) to the statistics; None if none."""
 
     @abstractmethod
     def _update(self, id: str, change: Callable[[Job], Job | None]) -> tuple[Job | None, Job | None]:
-        """Atomically read a job, apply `change` and store what it returns (nothing when None).
-        Returns (before, after); before is None when the job does not exist."""
+        """Atomically read a job, apply `change` and store what it returns (nothing when None),
+        adding stat_increments(before, after) to the statistics. Returns (before, after); before is
+        None when the job does not exist."""
 
     @abstractmethod
     def _expired_ids(self, now: float) -> list[str]:
@@ -290,3 +406,15 @@ class JobStore(ABC):
     @abstractmethod
     def _delete_finished(self, before: float) -> list[str]:
         """Delete completed jobs finished before `before`, with their logs; return their ids."""
+
+    @abstractmethod
+    def _read_stats(self) -> dict[str, float]:
+        """Every statistics counter stored, by name."""
+
+    @abstractmethod
+    def _save_worker(self, worker: WorkerInfo, expires_at: float) -> None:
+        """Store (replace) a worker's heartbeat, valid until `expires_at` on the store's clock."""
+
+    @abstractmethod
+    def _workers_alive_at(self, now: float) -> list[WorkerInfo]:
+        """The heartbeats that expire after `now`, in any order."""

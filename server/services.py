@@ -1,0 +1,69 @@
+"""The long-lived objects the routes share, and the FastAPI dependencies that hand them out.
+
+One `Services` is built per process from the settings (job store, file store, fetch limits, webhook
+sender) and kept on `app.state`; routes receive it, or one of its parts, through `Depends`, which
+keeps route functions thin and lets tests build an app around their own store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from .file_store import FileStore
+from .input_fetch import FetchSettings
+from .jobs import Job, JobStore, open_job_store
+from .public_urls import request_base_url
+from .settings import Settings
+from .webhooks import WebhookSender
+
+APP_ID = "fal-ai/ai-avatar/multi"  # what submit and run are called with
+OWNER_APP = "fal-ai/ai-avatar"  # what status, result and cancel are called with (fal drops the endpoint path)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: JobStore
+    files: FileStore
+    fetch: FetchSettings
+    webhooks: WebhookSender
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Services:
+        data = settings.data_path
+        fetch = FetchSettings(allowed_hosts=settings.fetch_allowed_hosts)
+        return cls(
+            settings=settings,
+            store=open_job_store(settings.redis_url, data),
+            files=FileStore(data / "files", settings.base_url, settings.max_upload_bytes),
+            fetch=fetch,
+            webhooks=WebhookSender(settings.webhook_secret, attempts=settings.webhook_attempts, fetch_settings=fetch),
+        )
+
+    def job_completed(self, job: Job) -> None:
+        """Whatever completes a job (a worker, a cancel, the lease sweep) calls this once."""
+        self.webhooks.send(job)
+
+    def close(self) -> None:
+        self.webhooks.close(timeout_s=5)
+        self.store.close()
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def get_store(services: Annotated[Services, Depends(get_services)]) -> JobStore:
+    return services.store
+
+
+def get_base_url(request: Request, services: Annotated[Services, Depends(get_services)]) -> str:
+    return request_base_url(request, services.settings.public_url)
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
+BaseUrlDep = Annotated[str, Depends(get_base_url)]

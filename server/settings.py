@@ -1,0 +1,207 @@
+"""Every setting of `multitalk serve` and `multitalk worker`, defined once.
+
+`OPTIONS` is the single table: each entry names the setting, its environment variable, its
+command-line flag (if it has one), its type, default and help. The CLI flags, the environment
+reading and the settings table in docs/configuration.md are all derived from it (a test checks
+the docs against it), so they cannot drift apart. Precedence: flag, then environment, then default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+MiB = 1024 * 1024
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.strip().lower() in ("", "none", "unlimited") else int(text)
+
+
+def _word_set(text: str) -> frozenset[str]:
+    """Comma- or space-separated words (API keys, host names)."""
+    return frozenset(word for word in text.replace(",", " ").split() if word)
+
+
+def _frame_size(text: str) -> tuple[int, int] | None:
+    if not text.strip():
+        return None
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"expected HEIGHTxWIDTH, e.g. 64x128, got {text!r}") from None
+    return height, width
+
+
+def _flag_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "multitalk"
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # attribute of Settings, which holds the default
+    parse: Callable[[str], Any]
+    help: str
+    flag: str | None = None  # CLI flag, when the setting has one
+    commands: tuple[str, ...] = ("serve", "worker")  # which commands it concerns
+
+    @property
+    def env(self) -> str:
+        return f"MULTITALK_{self.name.upper()}"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", str, "Address the API listens on (0.0.0.0 in containers).", "--host", ("serve",)),
+    Option("port", int, "Port the API listens on.", "--port", ("serve",)),
+    Option("weights", str, "Checkpoint folder, or `tiny` for the seeded tiny demo/test checkpoints "
+           "(random weights, made on first use in the data dir).", "--weights"),
+    Option("data_dir", Path, "Where jobs (SQLite), uploads, results and the tiny weights live "
+           "(default: $XDG_DATA_HOME/multitalk or ~/.local/share/multitalk). Share it between the API "
+           "and workers on other hosts.", "--data-dir"),
+    Option("public_url", str, "Base URL clients reach this server at, for the `*_url`s in "
+           "responses and webhooks (default: from each request's X-Forwarded-Proto/Host or Host header; "
+           "workers and webhooks then use http://HOST:PORT).", "--public-url"),
+    Option("redis_url", str, "Redis job store shared by several workers or hosts, e.g. "
+           "redis://redis:6379/0 (unset: SQLite in the data dir).", "--redis-url"),
+    Option("api_keys", _word_set, "Accepted API keys, comma-separated; requests must send "
+           "`Authorization: Key <key>` (unset: no authentication).", None, ("serve",)),
+    Option("max_queue", _optional_int, "Most jobs waiting in the queue; beyond it submits get 429 "
+           "with Retry-After (`none`: unlimited).", "--max-queue", ("serve",)),
+    Option("workers", int, "Workers embedded in the API process (0: API only, run `multitalk worker` "
+           "processes instead).", "--workers", ("serve",)),
+    Option("device", str, "Torch device for the pipeline: auto, cpu, cuda, cuda:1, ...", "--device",
+           ("serve", "worker")),
+    Option("lease_s", float, "Seconds a worker may go silent before its job is presumed lost and "
+           "retried.", "--lease-s"),
+    Option("max_attempts", int, "Runs a job gets when its workers keep dying, before it fails with "
+           "WorkerLost.", None),
+    Option("retention_s", float, "Seconds finished jobs, their results and stored files are "
+           "kept before being deleted.", None, ("serve",)),
+    Option("max_body_bytes", int, "Largest JSON request body (inline data URIs count).", None,
+           ("serve",)),
+    Option("max_upload_bytes", int, "Largest uploaded file.", None, ("serve",)),
+    Option("fetch_allowed_hosts", _word_set, "Hosts or addresses input URLs and webhooks may "
+           "reach although they are private or local (e.g. an internal media server).", None),
+    Option("webhook_secret", str, "Secret for the HMAC-SHA256 signature header on webhooks "
+           "(unset: webhooks are not signed).", None),
+    Option("webhook_attempts", int, "Deliveries tried per webhook (exponential backoff).", None),
+    Option("frame_size", _frame_size, "HEIGHTxWIDTH forced on every job (fast previews and CPU demos; "
+           "unset: the resolution's bucket).", "--frame-size", ("serve", "worker")),
+    Option("steps", _optional_int, "Sampling steps forced on every job (previews, CPU demos; unset: "
+           "the acceleration preset's).", "--steps", ("serve", "worker")),
+    Option("log_json", _flag_bool, "Log one JSON object per line instead of text.", "--log-json"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    weights: str = "tiny"
+    data_dir: Path | None = None
+    public_url: str | None = None
+    redis_url: str | None = None
+    api_keys: frozenset[str] = frozenset()
+    max_queue: int | None = 100
+    workers: int = 1
+    device: str = "auto"
+    lease_s: float = 60.0
+    max_attempts: int = 2
+    retention_s: float = 24 * 3600.0
+    max_body_bytes: int = 32 * MiB
+    max_upload_bytes: int = 100 * MiB
+    fetch_allowed_hosts: frozenset[str] = frozenset()
+    webhook_secret: str | None = None
+    webhook_attempts: int = 10
+    frame_size: tuple[int, int] | None = None
+    steps: int | None = None
+    log_json: bool = False
+
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir or _default_data_dir()
+
+    @property
+    def base_url(self) -> str:
+        """The configured public URL, else this process's own address (what workers and webhooks use)."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, naming the setting, before anything starts."""
+        problems = []
+        if self.workers < 0:
+            problems.append(f"workers must be >= 0, got {self.workers}")
+        if self.max_queue is not None and self.max_queue < 1:
+            problems.append(f"max_queue must be >= 1 or none, got {self.max_queue}")
+        for name in ("lease_s", "retention_s", "max_body_bytes", "max_upload_bytes", "max_attempts", "webhook_attempts"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            problems.append(f"public_url must start with http:// or https://, got {self.public_url!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+assert {o.name for o in OPTIONS} == {f.name for f in fields(Settings)}, "OPTIONS and Settings must list the same settings"
+
+
+def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """The flags of `command`; each defaults to None so an absent flag falls through to the environment."""
+    for option in OPTIONS:
+        if not (option.flag and command in option.commands):
+            continue
+        help = f"{option.help} [env {option.env}]"
+        if option.parse is _flag_bool:
+            parser.add_argument(option.flag, dest=option.name, action="store_const", const=True, default=None, help=help)
+        else:
+            parser.add_argument(option.flag, dest=option.name, type=option.parse, default=None, help=help)
+
+
+def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, str] = os.environ) -> Settings:
+    """Settings from flags (when given), then MULTITALK_* variables, then defaults."""
+    values = {}
+    for option in OPTIONS:
+        given = getattr(args, option.name, None) if args is not None else None
+        if given is not None:
+            values[option.name] = given
+        elif option.env in environ:
+            try:
+                values[option.name] = option.parse(environ[option.env])
+            except ValueError as exc:
+                raise ValueError(f"{option.env}: {exc}") from None
+    settings = Settings(**values)
+    settings.check()
+    return settings
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= MiB and value % MiB == 0:
+        return f"{value // MiB} MiB"
+    return str(value)
+
+
+def settings_table() -> str:
+    """The Markdown table of docs/configuration.md."""
+    rows = ["| Environment variable | Flag | Default | Commands | Meaning |", "|---|---|---|---|---|"]
+    defaults = Settings()
+    for option in OPTIONS:
+        default = getattr(defaults, option.name)
+        shown = "—" if default in (None, frozenset()) else f"`{_shown(default)}`"
+        flag = f"`{option.flag}`" if option.flag else "—"
+        rows.append(f"| `{option.env}` | {flag} | {shown} | {', '.join(option.commands)} | {option.help} |")
+    return "\n".join(rows) + "\n"
