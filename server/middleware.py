@@ -54,27 +54,33 @@ class BodySizeLimit:
             await self._refuse(send)
             return
         received = 0
-        started = False
+        started = cut_off = refused = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            # Past the limit the 413 goes out from here, and the app is told the client left: an
+            # exception would not do, as FastAPI turns errors while reading a body into its own 400.
+            nonlocal received, cut_off, refused
+            if cut_off:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise _BodyTooLarge
+                    cut_off = True
+                    if not started:
+                        refused = True
+                        await self._refuse(send)
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if refused:  # the 413 is the answer; drop the app's reply to the cut-off body
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._refuse(send)
+        await self.app(scope, limited_receive, tracking_send)
 
     async def _refuse(self, send: Send) -> None:
         limit_mib = self.max_body_bytes / (1024 * 1024)
@@ -83,10 +89,6 @@ class BodySizeLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"x-fal-error-type", b"payload_too_large")]})
         await send({"type": "http.response.body", "body": body.encode()})
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 class RequestIdAndAccessLog:
