@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,6 +50,7 @@ class Bad:
     query: str = ""
     where: str = "body"
     status: int = 422
+    streamed: bool = False  # send the body in chunks, without a Content-Length
 
 
 def bad_field(id: str, name: str, value, reason: str) -> Bad:
@@ -91,10 +93,11 @@ CASES = [
     Bad("body-json-list", raw=b"[1, 2]", reason="valid dictionary"),
     Bad("body-empty", raw=b"", reason="Field required"),
     Bad("body-over-the-limit", {"prompt": "x" * BODY_LIMIT}, status=413, reason="larger than"),
+    Bad("body-over-the-limit-streamed", {"prompt": "x" * BODY_LIMIT}, status=413, reason="larger than", streamed=True),
     # URLs that cannot be fetched
     bad_field("image_url-closed-port", "image_url", "http://127.0.0.1:{closed}/x.png", "could not reach"),
     bad_field("first_audio_url-unresolvable", "first_audio_url", "http://no-such-host.invalid/a.wav",
-              "does not resolve"),
+              "could not reach no-such-host.invalid"),
     bad_field("image_url-http-404", "image_url", "{media}/missing.png", "answered 404"),
     bad_field("image_url-unknown-upload", "image_url", "{api}/files/" + "A" * 32 + ".png", "does not exist"),
     # private and local addresses
@@ -116,10 +119,12 @@ CASES = [
     Bad("fal_webhook-ftp", query="?fal_webhook=ftp://x", where="query", field="fal_webhook", reason="http or https"),
     Bad("fal_webhook-private-network", query="?fal_webhook=http://10.0.0.1/hook", where="query", field="fal_webhook",
         reason="private or local"),
+    Bad("fal_max_queue_length-negative", query="?fal_max_queue_length=-1", where="query", field="fal_max_queue_length",
+        reason="greater than or equal to 0"),
 ]
 # The synchronous route shares the validation and the fetching; a few of each kind show it.
 SYNC_CASES = ["num_frames-text", "seed-negative", "resolution-1080p", "prompt-missing", "image_url-no-scheme",
-              "speaker_boxes-empty-box", "body-not-json", "body-over-the-limit", "image_url-closed-port",
+              "speaker_boxes-empty-box", "body-not-json", "body-over-the-limit", "body-over-the-limit-streamed", "image_url-closed-port",
               "image_url-private-network", "image_url-data-uri-bad-base64", "image_url-web-page", "image_url-wav"]
 
 
@@ -203,6 +208,10 @@ def _send(http: httpx.Client, path: str, case: Bad, valid_body: dict, places: di
             body.pop(name)
         else:
             body[name] = value.format(**places) if isinstance(value, str) else value
+    if case.streamed:
+        data = json.dumps(body).encode()
+        chunks = (data[i:i + 64 * 1024] for i in range(0, len(data), 64 * 1024))
+        return http.post(url, content=chunks, headers={"content-type": "application/json"})
     return http.post(url, json=body)
 
 

@@ -162,9 +162,13 @@ def test_urls_with_the_endpoint_path_work_too(open_api, inputs):
 
 
 def test_post_to_a_queue_host_queues_instead_of_running(open_api, inputs):
-    body = open_api.submitted(inputs, path=RUN, headers={"Host": "queue.example.test"})
+    queue_host = {"Host": "queue.example.test"}
+    body = open_api.submitted(inputs, path=RUN, headers=queue_host)
     assert body["status"] == "IN_QUEUE"
     assert body["status_url"] == f"http://queue.example.test{REQUESTS}/{body['request_id']}/status"
+    # fal's own form on that host, without the /queue prefix, reaches the queue routes too
+    status = open_api.http.get(f"/fal-ai/ai-avatar/requests/{body['request_id']}/status", headers=queue_host)
+    assert (status.status_code, status.json()["status"]) == (202, "IN_QUEUE")
 
 
 def test_forwarded_headers_make_the_urls_without_a_public_url(open_api, inputs):
@@ -257,7 +261,8 @@ def test_metrics_queue_depth_counts_the_queued_jobs(open_api, inputs):
 def test_openapi_lists_the_routes_and_the_input_example(open_api):
     spec = open_api.http.get("/openapi.json").json()
     assert {RUN, SUBMIT, f"{REQUESTS}/{{request_id}}/status", f"{REQUESTS}/{{request_id}}",
-            f"{REQUESTS}/{{request_id}}/cancel", "/storage/upload/initiate", "/files/upload"} <= set(spec["paths"])
+            f"{REQUESTS}/{{request_id}}/cancel", "/storage/upload/initiate", "/storage/uploads/{token}",
+            "/files/upload"} <= set(spec["paths"])
     [example] = spec["components"]["schemas"]["AvatarMultiInput"]["examples"]
     assert {"image_url", "first_audio_url", "prompt"} <= set(example)
 
