@@ -42,7 +42,8 @@ def _field_name(loc: Loc) -> str | None:
 
 
 def _named(loc: Loc, msg: str) -> str:
-    name = _field_name(loc)
+    """The message prefixed with its field, or with the part of the request (`body`) when no field applies."""
+    name = _field_name(loc) or (str(loc[0]) if loc else None)
     return f"{name}: {msg}" if name else msg
 
 
