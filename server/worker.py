@@ -139,7 +139,8 @@ class Worker:
 
             generated = self.pipeline.generate(request, progress, should_cancel)
             stored = self.files.add_file(generated.video, "video/mp4", f"multitalk-{job.id[:8]}.mp4")
-            self._log(job, f"done: {generated.num_frames} frames in {generated.timings['total_s']:.1f} s")
+            self._log(job, f"done: {generated.num_frames} frames at {generated.width}x{generated.height} in "
+                           f"{generated.timings['total_s']:.1f} s; settings: {generated.settings}")
             body = {"video": {"url": stored.url, "content_type": stored.content_type, "file_name": stored.file_name,
                               "file_size": stored.size}, "seed": generated.seed}
             return "OK", {"status_code": 200, "body": body}, None, None

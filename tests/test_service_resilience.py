@@ -45,8 +45,15 @@ def _wait_completed(cluster: Cluster, ids: list[str], timeout_s: float = 240) ->
     statuses: dict[str, dict] = {}
 
     def all_done() -> bool:
-        statuses.update({i: _status(cluster, i) for i in ids})
-        return all(s["status"] == "COMPLETED" for s in statuses.values())
+        # Polls the unfinished ones in order and stops at the first still running, so a long wait
+        # does not load the API (and the CPU the workers share) with status requests.
+        for i in ids:
+            if i not in statuses:
+                status = _status(cluster, i)
+                if status["status"] != "COMPLETED":
+                    return False
+                statuses[i] = status
+        return True
 
     cluster.wait_until(all_done, what=f"{len(ids)} jobs to complete", timeout_s=timeout_s)
     return statuses
