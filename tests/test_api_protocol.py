@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.jobs import open_job_store
 from server_harness import Cluster
 
 RUN = "/fal-ai/ai-avatar/multi"
@@ -332,3 +333,14 @@ def test_status_stream_sends_data_events_until_completed_then_closes(worker_api,
     assert statuses == sorted(statuses, key=STATUS_ORDER.index)
     assert all(isinstance(event["logs"], list) for event in events)
     assert events[-1]["logs"] and events[-1]["metrics"]["inference_time"] > 0
+
+
+def test_a_sync_caller_that_disconnects_cancels_its_job(worker_cluster, inputs):
+    store = open_job_store(None, worker_cluster.data_dir)
+    cancelled_before = store.stats().completed["CANCELLED"]
+    with pytest.raises(httpx.ReadTimeout):  # the caller gives up long before a 241-frame video is done
+        httpx.post(f"{worker_cluster.url}/fal-ai/ai-avatar/multi", json={**inputs, "num_frames": 241},
+                   timeout=httpx.Timeout(60, read=1.0))
+    worker_cluster.wait_until(lambda: store.stats().completed["CANCELLED"] == cancelled_before + 1,
+                              what="the abandoned sync job to be cancelled", timeout_s=120)
+    store.close()
