@@ -9,11 +9,12 @@ import pytest
 
 from server.settings import OPTIONS, Settings, add_flags, load_settings, settings_table
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_docs_table_matches_the_code():
-    assert settings_table() in DOCS.read_text(), "regenerate the table in docs/configuration.md"
+@pytest.mark.parametrize("document", ["docs/configuration.md", "README.md"])
+def test_docs_table_matches_the_code(document):
+    assert settings_table() in (ROOT / document).read_text(), f"regenerate the settings table in {document}"
 
 
 def test_defaults_without_flags_or_environment():
