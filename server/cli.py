@@ -11,9 +11,11 @@ import json
 import sys
 from pathlib import Path
 
+from .doctor import add_doctor_parser
 from .generate_command import add_generate_parser
 from .logging_setup import setup_logging
 from .serve_command import add_server_parsers
+from .weights_command import add_download_parser
 
 
 def _weights_check(args: argparse.Namespace) -> int:
@@ -45,14 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    weights = commands.add_parser("weights", help="inspect checkpoints").add_subparsers(dest="weights_command", required=True)
+    weights = commands.add_parser("weights", help="download and inspect checkpoints").add_subparsers(dest="weights_command", required=True)
     check = weights.add_parser("check", help="report the layout, parameter counts and anything missing in DIR")
     check.add_argument("dir", type=Path, help="folder holding Wan2.1-I2V-14B-480P[-Diffusers], MeiGen-MultiTalk, chinese-wav2vec2-base")
     check.add_argument("--layout", choices=["multitalk", "diffusers"], help="force a layout (default: detect)")
     check.add_argument("--json", action="store_true", help="machine-readable report")
     check.set_defaults(handler=_weights_check)
+    add_download_parser(weights)
     add_generate_parser(commands)
     add_server_parsers(commands)
+    add_doctor_parser(commands)
     return parser
 
 
