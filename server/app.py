@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from .fal_errors import install_error_handlers
 from .maintenance import run_maintenance
 from .middleware import BodySizeLimit, QueueHostRouting, RequestIdAndAccessLog
-from .routes import health, queue, run, storage
+from .routes import health, playground, queue, run, storage
 from .services import Services
 from .settings import Settings
 from .worker_runtime import run_worker
@@ -77,7 +77,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app = FastAPI(title="MultiTalk server", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.services = services
     install_error_handlers(app)
-    for router in (run.router, queue.router, storage.router, health.router):
+    for router in (run.router, queue.router, storage.router, health.router, playground.router):
         app.include_router(router)
     # Added innermost first: routing by host must happen before anything reads the path.
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
