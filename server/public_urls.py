@@ -14,8 +14,6 @@ from typing import Any
 
 from fastapi import Request
 
-from .file_store import FILES_PATH
-
 QUEUE_PREFIX = "/queue"
 
 
@@ -44,13 +42,17 @@ def queue_urls(base_url: str, owner_app: str, request_id: str) -> dict[str, str]
             "cancel_url": f"{response_url}/cancel"}
 
 
+def rebase_url(url: str, from_base: str, to_base: str) -> str:
+    """`url` moved from under `from_base` to under `to_base`; a URL not under `from_base` is returned as is."""
+    return to_base + url[len(from_base):] if url.startswith(from_base + "/") else url
+
+
 def rebase_file_urls(body: Any, stored_base: str, base_url: str) -> Any:
-    """`body` with every `url` under `stored_base/files/` moved to `base_url/files/` (a copy)."""
+    """`body` with every `url` under `stored_base` moved to `base_url` (a copy)."""
     if stored_base == base_url:
         return body
-    old, new = f"{stored_base}{FILES_PATH}", f"{base_url}{FILES_PATH}"
     if isinstance(body, dict):
-        return {key: (new + value[len(old):] if key == "url" and isinstance(value, str) and value.startswith(old)
+        return {key: (rebase_url(value, stored_base, base_url) if key == "url" and isinstance(value, str)
                       else rebase_file_urls(value, stored_base, base_url)) for key, value in body.items()}
     if isinstance(body, list):
         return [rebase_file_urls(item, stored_base, base_url) for item in body]

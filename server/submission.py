@@ -19,9 +19,10 @@ from pathlib import Path
 from starlette.concurrency import run_in_threadpool
 
 from .fal_errors import RequestError
-from .file_store import FILES_PATH, FileStore
+from .file_store import FileStore
 from .input_fetch import Expect, fetch_input
 from .jobs import Job, QueueFull
+from .public_urls import rebase_url
 from .schemas import MAX_SEED, AvatarMultiInput
 from .services import APP_ID, Services
 
@@ -33,12 +34,10 @@ class _FilesSeenFrom:
     client used to reach us, resolve to files on disk instead of going out to the network."""
 
     def __init__(self, files: FileStore, base_url: str):
-        self.files, self.prefix = files, f"{base_url}{FILES_PATH}"
+        self.files, self.base_url = files, base_url
 
     def resolve_url(self, url: str) -> Path | None:
-        if url.startswith(self.prefix):
-            url = self.files.url_for(url[len(self.prefix):])
-        return self.files.resolve_url(url)
+        return self.files.resolve_url(rebase_url(url, self.base_url, self.files.public_base_url))
 
 
 def _media_fields(inp: AvatarMultiInput) -> list[tuple[str, str, Expect]]:

@@ -27,7 +27,8 @@ from starlette.concurrency import run_in_threadpool
 
 from ..auth import presented_key, require_api_key
 from ..fal_errors import RequestError
-from ..file_store import FILES_PATH, UPLOADS_PATH, FileStore, UnknownFile, UploadTooLarge
+from ..file_store import FILES_PATH, UPLOADS_PATH, UnknownFile, UploadTooLarge
+from ..public_urls import rebase_url
 from ..services import BaseUrlDep, ServicesDep
 
 router = APIRouter(tags=["files"])
@@ -54,11 +55,6 @@ class UploadToken(BaseModel):
 
 class UploadedFile(BaseModel):
     access_url: str
-
-
-def _seen_from(url: str, files: FileStore, base_url: str) -> str:
-    """A URL the file store made (with its configured base) as the client, at `base_url`, sees it."""
-    return base_url + url[len(files.public_base_url):] if url.startswith(files.public_base_url) else url
 
 
 def _token_signature(expires: int, keys: frozenset[str]) -> str:
@@ -88,8 +84,8 @@ def _too_large(exc: UploadTooLarge) -> RequestError:
 def initiate_upload(body: InitiateUpload, services: ServicesDep, base_url: BaseUrlDep,
                     storage_type: Annotated[str | None, Query(description="Accepted and ignored.")] = None):
     pending = services.files.initiate_upload(body.content_type, body.file_name)
-    return {"upload_url": _seen_from(pending.upload_url, services.files, base_url),
-            "file_url": _seen_from(pending.file_url, services.files, base_url)}
+    return {"upload_url": rebase_url(pending.upload_url, services.files.public_base_url, base_url),
+            "file_url": rebase_url(pending.file_url, services.files.public_base_url, base_url)}
 
 
 @router.put(f"{UPLOADS_PATH}{{token}}", summary="The bytes of an initiated upload")
@@ -122,7 +118,7 @@ async def upload(request: Request, services: ServicesDep, base_url: BaseUrlDep,
         stored = await services.files.save_upload(request.stream(), content_type, x_fal_file_name)
     except UploadTooLarge as exc:
         raise _too_large(exc) from None
-    return {"access_url": _seen_from(stored.url, services.files, base_url)}
+    return {"access_url": rebase_url(stored.url, services.files.public_base_url, base_url)}
 
 
 @router.get(f"{FILES_PATH}{{file_id}}", summary="Download a stored file (inputs and results)",
