@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING, Callable
 
 from starlette.concurrency import run_in_threadpool
 
-from .services import Services
+from .jobs import COMPLETED, Job, JobStore
+
+if TYPE_CHECKING:
+    from .services import Services
 
 logger = logging.getLogger("multitalk.maintenance")
 
@@ -23,11 +27,13 @@ SWEEP_EVERY_S = 5.0
 CLEANUP_EVERY_SWEEPS = 60  # retention is hours; checking every five minutes is plenty
 
 
-def sweep_expired_leases(services: Services) -> None:
-    for job in services.store.requeue_expired(services.settings.max_attempts):
+def sweep_expired_leases(store: JobStore, max_attempts: int, on_completed: Callable[[Job], None]) -> None:
+    """Re-queue or fail the jobs of dead workers; `on_completed` gets those that failed (their webhook).
+    Workers run it between jobs, the API on a timer, so it happens even with no worker left."""
+    for job in store.requeue_expired(max_attempts):
         logger.warning("worker lost id=%s now=%s attempts=%d", job.id, job.status, job.attempts)
-        if job.status == "COMPLETED":
-            services.job_completed(job)
+        if job.status == COMPLETED:
+            on_completed(job)
 
 
 def delete_expired(services: Services) -> None:
@@ -43,7 +49,8 @@ async def run_maintenance(services: Services) -> None:
     sweeps = 0
     while True:
         try:
-            await run_in_threadpool(sweep_expired_leases, services)
+            await run_in_threadpool(sweep_expired_leases, services.store, services.settings.max_attempts,
+                                    services.job_completed)
             if sweeps % CLEANUP_EVERY_SWEEPS == 0:
                 await run_in_threadpool(delete_expired, services)
         except Exception:  # noqa: BLE001 - housekeeping must outlive a store hiccup

@@ -29,6 +29,7 @@ from .fal_errors import input_error_body
 from .file_store import FileStore
 from .input_fetch import FetchSettings, fetch_input
 from .jobs import Job, JobStore
+from .maintenance import sweep_expired_leases
 from .schemas import MAX_SEED, AvatarMultiInput, to_generation_options
 
 logger = logging.getLogger("multitalk.worker")
@@ -89,10 +90,7 @@ class Worker:
     def serve_forever(self, stop: threading.Event) -> None:
         logger.info("worker serving worker_id=%s", self.worker_id)
         while not stop.is_set():
-            for job in self.store.requeue_expired(self.settings.max_attempts):
-                logger.warning("lease expired id=%s now=%s", job.id, job.status)
-                if job.status == "COMPLETED":
-                    self.on_completed(job)
+            sweep_expired_leases(self.store, self.settings.max_attempts, self.on_completed)
             if not self.run_once():
                 stop.wait(self.settings.poll_s)
 

@@ -25,7 +25,7 @@ def test_sweep_requeues_then_fails_a_job_whose_worker_died(tmp_path):
     for attempt in (1, 2):
         assert store.claim("dead-worker", lease_s=0.05).id == job.id
         time.sleep(0.1)
-        sweep_expired_leases(services)
+        sweep_expired_leases(store, services.settings.max_attempts, services.job_completed)
     failed = store.get(job.id)
     assert (failed.status, failed.outcome, failed.error_type) == ("COMPLETED", "ERROR", "WorkerLost")
     assert [j.id for j in completed] == [job.id]  # one webhook, for the final failure only
