@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Callable, Literal, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
+from model.weights.download import existing_ancestor
+
 from .settings import OPTIONS, Settings, load_settings
 
 Status = Literal["ok", "warn", "fail"]
@@ -216,17 +218,9 @@ def check_ram(weights: str, memory: tuple[int, int] | None) -> Check:
     return Check("ram", "ok", detail)
 
 
-def _nearest_existing(path: Path) -> Path:
-    """`path`, or its closest ancestor that exists (the data dir is created on first use)."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_disk(data_dir: Path) -> Check:
     """Free space and write access where jobs, uploads and videos go."""
-    existing = _nearest_existing(data_dir)
+    existing = existing_ancestor(data_dir)
     shown = str(data_dir) if existing == data_dir.absolute() else f"{data_dir} (to be created in {existing})"
     if not os.access(existing, os.W_OK):
         return Check("disk", "fail", f"data dir {shown} is not writable by uid {os.getuid()}",

@@ -239,9 +239,11 @@ def _pending(item: PlannedFile, dest: Path, verified: _Verified, cache_dir: Path
     return max(item.size - (partial.stat().st_size if partial.is_file() else 0), 0)
 
 
-def _existing_ancestor(path: Path) -> Path:
+def existing_ancestor(path: Path) -> Path:
+    """`path`, or its closest ancestor that exists: where a folder made on first use will live, so
+    its disk can be measured before it exists."""
     path = Path(path).absolute()
-    while not path.exists():
+    while not path.exists() and path != path.parent:
         path = path.parent
     return path
 
@@ -255,7 +257,7 @@ def check_free_space(plan: list[PlannedFile], dest: Path, *, cache_dir: Path | N
         raise DownloadError(f"{len(unsized)} files are not in {dest} yet and the Hub could not be reached to fetch "
                             f"them (check the network, HF_ENDPOINT, HF_HUB_OFFLINE), e.g. {unsized[0]}")
     needed = sum(pending)
-    free = shutil.disk_usage(_existing_ancestor(dest)).free
+    free = shutil.disk_usage(existing_ancestor(dest)).free
     if needed > free:
         raise NotEnoughSpace(
             f"not enough disk space in {dest}: {human_size(needed)} still to download, only {human_size(free)} free. "
