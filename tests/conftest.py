@@ -54,6 +54,17 @@ def example_inputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def speech_request(example_inputs) -> dict:
+    """A valid `fal-ai/ai-avatar/multi` request: the example image and person 1's speech inline as
+    data URIs (as `fal_client.encode_file` makes them), 41 frames. Tests override fields with `{**...}`."""
+    from fal_client import encode_file
+
+    return {"image_url": encode_file(example_inputs["image"]),
+            "first_audio_url": encode_file(example_inputs["audio1"]),
+            "prompt": "a person speaking", "num_frames": 41}
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline(tiny_weights):
     from model.pipeline import Pipeline
 

@@ -13,7 +13,6 @@ others). `http://[::1]/` and the other address literals below test the refusal w
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import threading
@@ -181,28 +180,17 @@ def api(tmp_path_factory) -> Iterator[Cluster]:
     cluster.stop_all()
 
 
-def _data_uri(path: Path, media_type: str) -> str:
-    return f"data:{media_type};base64,{base64.b64encode(path.read_bytes()).decode()}"
-
-
-@pytest.fixture(scope="module")
-def valid_body(example_inputs) -> dict:
-    return {"image_url": _data_uri(example_inputs["image"], "image/png"),
-            "first_audio_url": _data_uri(example_inputs["audio1"], "audio/wav"),
-            "prompt": "a person speaking", "num_frames": 41}
-
-
 @pytest.fixture(scope="module")
 def http(api) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=api.url, timeout=60) as client:
         yield client
 
 
-def _send(http: httpx.Client, path: str, case: Bad, valid_body: dict, places: dict[str, str]) -> httpx.Response:
+def _send(http: httpx.Client, path: str, case: Bad, speech_request: dict, places: dict[str, str]) -> httpx.Response:
     url = path + case.query
     if case.raw is not None:
         return http.post(url, content=case.raw, headers={"content-type": "application/json"})
-    body = dict(valid_body)
+    body = dict(speech_request)
     for name, value in case.changes.items():
         if value is MISSING:
             body.pop(name)
@@ -237,24 +225,24 @@ def places(api, media_url) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
-def test_queue_submit_refuses_a_bad_request_naming_the_field(http, case, valid_body, places):
-    _assert_refused_naming_the_problem(_send(http, SUBMIT, case, valid_body, places), case)
+def test_queue_submit_refuses_a_bad_request_naming_the_field(http, case, speech_request, places):
+    _assert_refused_naming_the_problem(_send(http, SUBMIT, case, speech_request, places), case)
 
 
 @pytest.mark.parametrize("case", _by_id(SYNC_CASES), ids=lambda case: case.id)
-def test_sync_run_refuses_a_bad_request_naming_the_field(http, case, valid_body, places):
-    _assert_refused_naming_the_problem(_send(http, RUN, case, valid_body, places), case)
+def test_sync_run_refuses_a_bad_request_naming_the_field(http, case, speech_request, places):
+    _assert_refused_naming_the_problem(_send(http, RUN, case, speech_request, places), case)
 
 
-def test_status_logs_flag_other_than_0_1_true_false_is_a_422(http, valid_body):
-    submitted = http.post(SUBMIT, json=valid_body)
+def test_status_logs_flag_other_than_0_1_true_false_is_a_422(http, speech_request):
+    submitted = http.post(SUBMIT, json=speech_request)
     assert submitted.status_code == 200, submitted.text
     response = http.get(submitted.json()["status_url"], params={"logs": "maybe"})
     _assert_refused_naming_the_problem(response, Bad("logs-maybe", field="logs", where="query", reason="match pattern"))
 
 
-def test_server_still_serves_after_the_battery(http, valid_body):
+def test_server_still_serves_after_the_battery(http, speech_request):
     assert http.get("/healthz").status_code == 200
-    response = http.post(SUBMIT, json=valid_body)
+    response = http.post(SUBMIT, json=speech_request)
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "IN_QUEUE"

@@ -13,7 +13,6 @@ Jobs a test queues are cancelled when it ends, so every test starts with an empt
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,17 +104,6 @@ def worker_api(worker_cluster) -> Iterator[Api]:
     yield from _api(worker_cluster.url)
 
 
-@pytest.fixture(scope="module")
-def inputs(example_inputs) -> dict:
-    """A valid request with the example image and speech inline as data URIs."""
-    def data_uri(path: Path, media_type: str) -> str:
-        return f"data:{media_type};base64,{base64.b64encode(path.read_bytes()).decode()}"
-
-    return {"image_url": data_uri(example_inputs["image"], "image/png"),
-            "first_audio_url": data_uri(example_inputs["audio1"], "audio/wav"),
-            "prompt": "a person speaking", "num_frames": 41}
-
-
 def _queued_count(api: Api) -> float:
     lines = api.http.get("/metrics").text.splitlines()
     return float(next(line.split()[1] for line in lines if line.startswith("multitalk_queue_depth ")))
@@ -124,8 +112,8 @@ def _queued_count(api: Api) -> float:
 # -- status while queued --------------------------------------------------------------------------
 
 
-def test_queued_requests_report_202_their_queue_position_and_a_logs_key(open_api, inputs):
-    jobs = [open_api.submitted(inputs) for _ in range(3)]
+def test_queued_requests_report_202_their_queue_position_and_a_logs_key(open_api, speech_request):
+    jobs = [open_api.submitted(speech_request) for _ in range(3)]
     assert [job["queue_position"] for job in jobs] == [0, 1, 2]
     for position, job in enumerate(jobs):
         response = open_api.http.get(job["status_url"])
@@ -136,8 +124,8 @@ def test_queued_requests_report_202_their_queue_position_and_a_logs_key(open_api
 
 
 @pytest.mark.parametrize("flag, logs_are_listed", [("1", True), ("true", True), ("0", False), ("false", False)])
-def test_logs_flag_takes_1_true_0_false(open_api, inputs, flag, logs_are_listed):
-    job = open_api.submitted(inputs)
+def test_logs_flag_takes_1_true_0_false(open_api, speech_request, flag, logs_are_listed):
+    job = open_api.submitted(speech_request)
     logs = open_api.http.get(job["status_url"], params={"logs": flag}).json()["logs"]
     assert isinstance(logs, list) if logs_are_listed else logs is None
 
@@ -145,8 +133,8 @@ def test_logs_flag_takes_1_true_0_false(open_api, inputs, flag, logs_are_listed)
 # -- the URLs a submit returns --------------------------------------------------------------------
 
 
-def test_returned_urls_name_owner_and_app_only(open_api, open_cluster, inputs):
-    job = open_api.submitted(inputs)
+def test_returned_urls_name_owner_and_app_only(open_api, open_cluster, speech_request):
+    job = open_api.submitted(speech_request)
     response_url = f"{open_cluster.url}{REQUESTS}/{job['request_id']}"
     assert job["response_url"] == response_url
     assert job["status_url"] == f"{response_url}/status"
@@ -154,17 +142,17 @@ def test_returned_urls_name_owner_and_app_only(open_api, open_cluster, inputs):
     assert "/multi" not in job["response_url"]
 
 
-def test_urls_with_the_endpoint_path_work_too(open_api, inputs):
-    job = open_api.submitted(inputs)
+def test_urls_with_the_endpoint_path_work_too(open_api, speech_request):
+    job = open_api.submitted(speech_request)
     with_path = f"/queue/fal-ai/ai-avatar/multi/requests/{job['request_id']}"
     assert open_api.http.get(f"{with_path}/status").json()["status"] == "IN_QUEUE"
     assert open_api.http.get(with_path).status_code == 400  # still in progress
     assert open_api.http.put(f"{with_path}/cancel").json() == {"status": "OK"}
 
 
-def test_post_to_a_queue_host_queues_instead_of_running(open_api, inputs):
+def test_post_to_a_queue_host_queues_instead_of_running(open_api, speech_request):
     queue_host = {"Host": "queue.example.test"}
-    body = open_api.submitted(inputs, path=RUN, headers=queue_host)
+    body = open_api.submitted(speech_request, path=RUN, headers=queue_host)
     assert body["status"] == "IN_QUEUE"
     assert body["status_url"] == f"http://queue.example.test{REQUESTS}/{body['request_id']}/status"
     # fal's own form on that host, without the /queue prefix, reaches the queue routes too
@@ -172,9 +160,9 @@ def test_post_to_a_queue_host_queues_instead_of_running(open_api, inputs):
     assert (status.status_code, status.json()["status"]) == (202, "IN_QUEUE")
 
 
-def test_forwarded_headers_make_the_urls_without_a_public_url(open_api, inputs):
+def test_forwarded_headers_make_the_urls_without_a_public_url(open_api, speech_request):
     forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example.test"}
-    job = open_api.submitted(inputs, headers=forwarded)
+    job = open_api.submitted(speech_request, headers=forwarded)
     assert job["response_url"] == f"https://api.example.test{REQUESTS}/{job['request_id']}"
     status = open_api.http.get(f"{REQUESTS}/{job['request_id']}/status", headers=forwarded).json()
     assert status["status_url"] == f"https://api.example.test{REQUESTS}/{job['request_id']}/status"
@@ -183,8 +171,8 @@ def test_forwarded_headers_make_the_urls_without_a_public_url(open_api, inputs):
 # -- result, unknown ids, cancel ------------------------------------------------------------------
 
 
-def test_result_before_completion_is_400_still_in_progress(open_api, inputs):
-    job = open_api.submitted(inputs)
+def test_result_before_completion_is_400_still_in_progress(open_api, speech_request):
+    job = open_api.submitted(speech_request)
     response = open_api.http.get(job["response_url"])
     assert response.status_code == 400
     assert response.json()["detail"] == "Request is still in progress"
@@ -200,8 +188,8 @@ def test_unknown_request_is_404_on_status_result_and_cancel(open_api):
     assert (cancel.status_code, cancel.json()) == (404, {"status": "NOT_FOUND"})
 
 
-def test_cancelling_a_queued_request_completes_it_as_client_cancelled(open_api, inputs):
-    job = open_api.submitted(inputs)
+def test_cancelling_a_queued_request_completes_it_as_client_cancelled(open_api, speech_request):
+    job = open_api.submitted(speech_request)
     cancel = open_api.http.put(job["cancel_url"])
     assert (cancel.status_code, cancel.json()) == (200, {"status": "OK"})
     status = open_api.http.get(job["status_url"])
@@ -213,8 +201,8 @@ def test_cancelling_a_queued_request_completes_it_as_client_cancelled(open_api, 
     assert (again.status_code, again.json()) == (400, {"status": "ALREADY_COMPLETED"})
 
 
-def test_request_id_header_is_the_job_id_on_every_route_of_a_job(open_api, inputs):
-    submit = open_api.submit(inputs)
+def test_request_id_header_is_the_job_id_on_every_route_of_a_job(open_api, speech_request):
+    submit = open_api.submit(speech_request)
     job = submit.json()
     request_id = job["request_id"]
     responses = [submit, open_api.http.get(job["status_url"]), open_api.http.get(job["response_url"]),
@@ -252,10 +240,10 @@ def test_readyz_is_503_without_a_worker(open_api):
     assert (response.json()["status"], response.json()["workers"]) == ("not_ready", [])
 
 
-def test_metrics_queue_depth_counts_the_queued_jobs(open_api, inputs):
+def test_metrics_queue_depth_counts_the_queued_jobs(open_api, speech_request):
     assert _queued_count(open_api) == 0
     for _ in range(2):
-        open_api.submitted(inputs)
+        open_api.submitted(speech_request)
     assert _queued_count(open_api) == 2
 
 
@@ -276,12 +264,12 @@ def test_docs_page_is_html(open_api):
 # -- API keys and the queue limit -----------------------------------------------------------------
 
 
-def test_api_key_is_required_to_submit(keyed_api, keyed_cluster, inputs):
-    no_key = httpx.post(f"{keyed_cluster.url}{SUBMIT}", json=inputs)
+def test_api_key_is_required_to_submit(keyed_api, keyed_cluster, speech_request):
+    no_key = httpx.post(f"{keyed_cluster.url}{SUBMIT}", json=speech_request)
     assert no_key.status_code == 401 and no_key.json()["error_type"] == "unauthorized"
-    wrong_key = httpx.post(f"{keyed_cluster.url}{SUBMIT}", json=inputs, headers={"Authorization": "Key k3"})
+    wrong_key = httpx.post(f"{keyed_cluster.url}{SUBMIT}", json=speech_request, headers={"Authorization": "Key k3"})
     assert wrong_key.status_code == 401
-    assert keyed_api.submit(inputs, headers={"Authorization": "Key k2"}).status_code == 200
+    assert keyed_api.submit(speech_request, headers={"Authorization": "Key k2"}).status_code == 200
     assert httpx.get(f"{keyed_cluster.url}/healthz").status_code == 200
 
 
@@ -298,10 +286,10 @@ def test_token_upload_needs_the_token_and_the_file_needs_no_key(keyed_api, keyed
     assert (download.status_code, download.content) == (200, image)
 
 
-def test_full_queue_is_429_with_retry_after(keyed_api, inputs):
+def test_full_queue_is_429_with_retry_after(keyed_api, speech_request):
     for _ in range(2):
-        keyed_api.submitted(inputs)
-    refused = keyed_api.submit(inputs)
+        keyed_api.submitted(speech_request)
+    refused = keyed_api.submit(speech_request)
     assert refused.status_code == 429 and refused.json()["error_type"] == "queue_full"
     assert int(refused.headers["retry-after"]) > 0
 
@@ -317,8 +305,8 @@ def test_readyz_is_200_with_a_ready_worker_and_notes_the_tiny_weights(worker_api
     assert "tiny" in body["notice"]
 
 
-def test_status_stream_sends_data_events_until_completed_then_closes(worker_api, inputs):
-    job = worker_api.submitted(inputs)
+def test_status_stream_sends_data_events_until_completed_then_closes(worker_api, speech_request):
+    job = worker_api.submitted(speech_request)
     events = []
     with worker_api.http.stream("GET", f"{job['status_url']}/stream", params={"logs": "1"}) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -335,11 +323,11 @@ def test_status_stream_sends_data_events_until_completed_then_closes(worker_api,
     assert events[-1]["logs"] and events[-1]["metrics"]["inference_time"] > 0
 
 
-def test_a_sync_caller_that_disconnects_cancels_its_job(worker_cluster, inputs):
+def test_a_sync_caller_that_disconnects_cancels_its_job(worker_cluster, speech_request):
     store = open_job_store(None, worker_cluster.data_dir)
     cancelled_before = store.stats().completed["CANCELLED"]
     with pytest.raises(httpx.ReadTimeout):  # the caller gives up long before a 241-frame video is done
-        httpx.post(f"{worker_cluster.url}/fal-ai/ai-avatar/multi", json={**inputs, "num_frames": 241},
+        httpx.post(f"{worker_cluster.url}/fal-ai/ai-avatar/multi", json={**speech_request, "num_frames": 241},
                    timeout=httpx.Timeout(60, read=1.0))
     worker_cluster.wait_until(lambda: store.stats().completed["CANCELLED"] == cancelled_before + 1,
                               what="the abandoned sync job to be cancelled", timeout_s=120)

@@ -7,28 +7,15 @@ and, for attempts and worker ids, through the job store itself.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections import Counter
 
 import httpx
-import pytest
 
 from server.jobs import WORKER_LOST, open_job_store
 from server_harness import Cluster
 
 QUEUE_SUBMIT = "/queue/fal-ai/ai-avatar/multi"
-
-
-def _data_uri(path, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
-
-
-@pytest.fixture(scope="module")
-def body(example_inputs):
-    return {"image_url": _data_uri(example_inputs["image"], "image/png"),
-            "first_audio_url": _data_uri(example_inputs["audio1"], "audio/wav"),
-            "prompt": "a person speaking", "num_frames": 41}
 
 
 def _submit(cluster: Cluster, body: dict, **changes) -> str:
@@ -63,7 +50,8 @@ def _cluster(tmp_path, tiny_weights, redis_url=None, **env) -> Cluster:
     return Cluster(tmp_path / "data", tiny_weights["multitalk"], redis_url, env=env)
 
 
-def test_two_workers_on_one_redis_share_the_queue_without_running_a_job_twice(tmp_path, tiny_weights, redis_url, body):
+def test_two_workers_on_one_redis_share_the_queue_without_running_a_job_twice(tmp_path, tiny_weights, redis_url,
+                                                                              speech_request):
     import redis
 
     redis.Redis.from_url(redis_url).flushdb()
@@ -73,7 +61,7 @@ def test_two_workers_on_one_redis_share_the_queue_without_running_a_job_twice(tm
         cluster.start_worker()
         cluster.start_worker()
         cluster.wait_ready(workers=2)
-        ids = [_submit(cluster, body, seed=seed) for seed in range(8)]
+        ids = [_submit(cluster, speech_request, seed=seed) for seed in range(8)]
         statuses = _wait_completed(cluster, ids)
         assert all("error" not in s for s in statuses.values())
         store = open_job_store(redis_url, cluster.data_dir)
@@ -97,10 +85,10 @@ def _kill_worker_mid_job(cluster: Cluster, body: dict) -> str:
     return request_id
 
 
-def test_a_job_whose_worker_is_killed_is_retried_on_another(tmp_path, tiny_weights, body):
+def test_a_job_whose_worker_is_killed_is_retried_on_another(tmp_path, tiny_weights, speech_request):
     cluster = _cluster(tmp_path, tiny_weights, MULTITALK_LEASE_S="2")
     try:
-        request_id = _kill_worker_mid_job(cluster, body)
+        request_id = _kill_worker_mid_job(cluster, speech_request)
         cluster.start_worker()
         status = _wait_completed(cluster, [request_id])[request_id]
         assert "error" not in status
@@ -113,10 +101,10 @@ def test_a_job_whose_worker_is_killed_is_retried_on_another(tmp_path, tiny_weigh
         cluster.stop_all()
 
 
-def test_a_job_whose_worker_dies_on_its_last_attempt_fails_clearly(tmp_path, tiny_weights, body):
+def test_a_job_whose_worker_dies_on_its_last_attempt_fails_clearly(tmp_path, tiny_weights, speech_request):
     cluster = _cluster(tmp_path, tiny_weights, MULTITALK_LEASE_S="2", MULTITALK_MAX_ATTEMPTS="1")
     try:
-        request_id = _kill_worker_mid_job(cluster, body)
+        request_id = _kill_worker_mid_job(cluster, speech_request)
         status = _wait_completed(cluster, [request_id])[request_id]  # the API's lease sweep fails it
         assert status["error_type"] == WORKER_LOST and "crashed or was killed" in status["error"]
         result = httpx.get(f"{cluster.url}/queue/fal-ai/ai-avatar/requests/{request_id}", timeout=10)
@@ -125,11 +113,11 @@ def test_a_job_whose_worker_dies_on_its_last_attempt_fails_clearly(tmp_path, tin
         cluster.stop_all()
 
 
-def test_queued_jobs_survive_an_api_restart(tmp_path, tiny_weights, body):
+def test_queued_jobs_survive_an_api_restart(tmp_path, tiny_weights, speech_request):
     cluster = _cluster(tmp_path, tiny_weights)
     try:
         api = cluster.start_api(workers=0)
-        ids = [_submit(cluster, body, seed=seed) for seed in range(3)]
+        ids = [_submit(cluster, speech_request, seed=seed) for seed in range(3)]
         api.kill()
         cluster.start_api(workers=1)
         statuses = _wait_completed(cluster, ids)
@@ -146,11 +134,11 @@ async def _submit_concurrently(url: str, body: dict, count: int) -> list[httpx.R
         return await asyncio.gather(*(client.post(url, json={**body, "seed": n}) for n in range(count)))
 
 
-def test_a_flood_of_submits_is_either_queued_and_completed_or_refused_with_429(tmp_path, tiny_weights, body):
+def test_a_flood_of_submits_is_either_queued_and_completed_or_refused_with_429(tmp_path, tiny_weights, speech_request):
     cluster = _cluster(tmp_path, tiny_weights, MULTITALK_MAX_QUEUE="50")
     try:
         cluster.start_api(workers=0)
-        responses = asyncio.run(_submit_concurrently(cluster.url + QUEUE_SUBMIT, body, 100))
+        responses = asyncio.run(_submit_concurrently(cluster.url + QUEUE_SUBMIT, speech_request, 100))
         codes = Counter(r.status_code for r in responses)
         assert codes == {200: 50, 429: 50}
         assert all(r.headers["retry-after"].isdigit() for r in responses if r.status_code == 429)

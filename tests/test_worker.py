@@ -1,10 +1,10 @@
 """A worker runs queued jobs end to end on the tiny pipeline: result, logs, input errors, cancel."""
 
-import base64
 import threading
 from dataclasses import replace
 
 import pytest
+from fal_client import encode_file
 
 from media_probe import ffprobe_or_skip, probe
 from server.file_store import FileStore
@@ -24,10 +24,6 @@ class SmallPipeline:
         return self.pipeline.generate(replace(request, frame_size=(64, 128), steps=1), progress, should_cancel)
 
 
-def _data_uri(path, mime):
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
-
-
 @pytest.fixture
 def worker(tmp_path, tiny_pipeline):
     store = SqliteJobStore(tmp_path / "jobs.sqlite3")
@@ -37,9 +33,9 @@ def worker(tmp_path, tiny_pipeline):
 
 
 def _input(example_inputs, **extra):
-    body = {"image_url": _data_uri(example_inputs["image"], "image/png"),
-            "first_audio_url": _data_uri(example_inputs["audio1"], "audio/wav"),
-            "second_audio_url": _data_uri(example_inputs["audio2"], "audio/wav"),
+    body = {"image_url": encode_file(example_inputs["image"]),
+            "first_audio_url": encode_file(example_inputs["audio1"]),
+            "second_audio_url": encode_file(example_inputs["audio2"]),
             "prompt": "two people talking", "num_frames": 41, "unknown_field": 1}
     body.update(extra)
     return body
@@ -64,7 +60,7 @@ def test_worker_runs_a_job_to_a_video_url(worker, example_inputs):
 def test_unusable_input_fails_the_job_with_a_422_body(worker, example_inputs, tmp_path):
     silent = tmp_path / "silent.wav"
     silent.write_bytes(b"RIFF" + b"\0" * 40)
-    job = worker.store.submit(APP, _input(example_inputs, second_audio_url=_data_uri(silent, "audio/wav")))
+    job = worker.store.submit(APP, _input(example_inputs, second_audio_url=encode_file(silent)))
     worker.run_once()
     done = worker.store.get(job.id)
     assert (done.outcome, done.result["status_code"]) == ("ERROR", 422)
