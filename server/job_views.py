@@ -51,9 +51,7 @@ def result_response(job: Job, services: Services, base_url: str) -> JSONResponse
     if job.status != COMPLETED:
         return request_error_response(400, STILL_RUNNING_DETAIL, "request_in_progress", headers)
     if job.result is not None:
-        body = job.result["body"]
-        if not services.settings.public_url:
-            body = rebase_file_urls(body, services.files.public_base_url, base_url)
+        body = rebase_file_urls(job.result["body"], services.files.public_base_url, base_url)  # no-op with a public URL
         status_code = job.result["status_code"]
         if status_code >= 400 and isinstance(body, dict) and "error_type" in body:
             headers["x-fal-error-type"] = body["error_type"]
