@@ -1,0 +1,41 @@
+"""How the transformer runs on its device: attention kernel, weight storage, offloading, compilation.
+
+These options change speed and memory, never the request's meaning. Each is applied once, after the
+weights are loaded and before the first request (`prepare_transformer`), so nothing in the step loop
+branches on them. The defaults are the fastest exact configuration that fits one 80 GB GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WEIGHT_MODES = ("bf16", "fp8", "fp8-storage", "int8")
+OFFLOAD_MODES = ("none", "blocks")
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """attention: `auto` or a diffusers attention backend name (`native`, `flash`, `sage`, `_native_cudnn`, ...).
+    weights: storage of the DiT's linear weights: `bf16` (the precision's dtype, exact), `fp8` (float8 weights
+        and activations with scaled matmuls, Hopper or newer), `fp8-storage` (float8 storage upcast per layer,
+        any GPU), `int8` (int8 weight-only).
+    offload: `blocks` keeps the DiT's blocks in CPU memory and streams them to the GPU one group at a time,
+        overlapped with compute (480p on a 24 GB GPU).
+    compile: compile each transformer block with torch.compile (regional), warmed up at load.
+    """
+
+    attention: str = "auto"
+    weights: str = "bf16"
+    offload: str = "none"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHT_MODES:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")
+        if self.offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {self.offload!r}")
+
+    @property
+    def loads_on_cpu_first(self) -> bool:
+        """Quantised or offloaded transformers are converted on the CPU, so the GPU never holds full bf16 weights."""
+        return self.weights != "bf16" or self.offload != "none"
