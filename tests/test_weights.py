@@ -176,3 +176,16 @@ def test_tiny_weights_cache_is_written_once_and_reused(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == stamp
     assert find_layout(first).kind == "multitalk"
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no staging folder left behind
+
+
+def test_transformer_loads_in_the_requested_dtype_with_fp32_kept_modules(tiny_weights):
+    """bf16 weights stay bf16 (accelerate would cast them back to the empty model's fp32), except the modules
+    diffusers keeps in fp32 (norms, time embedding, modulation tables) and our audio norm."""
+    model = load_transformer(find_layout(tiny_weights["multitalk"]), torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes["blocks.0.attn1.to_q.weight"] == torch.bfloat16
+    assert dtypes["blocks.0.ffn.net.0.proj.weight"] == torch.bfloat16
+    assert dtypes["blocks.0.audio_attn.to_kv.weight"] == torch.bfloat16
+    assert dtypes["blocks.0.norm_audio.weight"] == torch.float32
+    assert dtypes["blocks.0.scale_shift_table"] == torch.float32
+    assert model.dtype == torch.bfloat16

@@ -175,7 +175,8 @@ def load_into_empty_model(
                 # reshape or a q/k/v split. An own,
                 # aligned copy releases the mapping and keeps matmul results independent of file offsets.
                 placed = placed.clone()
-            set_module_tensor_to_device(model, target, device, value=placed.contiguous())
+            # dtype given explicitly: accelerate otherwise casts the value back to the empty model's (fp32) dtype.
+            set_module_tensor_to_device(model, target, device, value=placed.contiguous(), dtype=target_dtype)
     source.release()
 
     for target, shared in tied.items():
