@@ -13,11 +13,14 @@ null-audio pass); the processor attends each speaker-count group separately.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from .sequence_parallel import LocalTokens
 
 
 @dataclass
@@ -28,18 +31,36 @@ class AudioConditioning:
     num_speakers: speakers of each batch item (1 or 2); item b uses the first num_speakers[b]·K tokens.
     token_masks: [B, 3, L_ref] person 1 / person 2 / background over the first latent frame's tokens.
     grid: (T, N_h, N_w) token grid of the video.
-    compute_unused_maps: also compute the reference map for 1-speaker items (diagnostics and
-        parity checks only: the original computes it in every pass, but only 2 speakers use it).
+    local: the tokens this rank holds (all of them unless the sequence is split across GPUs).
+    map_everywhere: compute the reference map for every item, as the original does (reference schedule,
+        parity checks); otherwise only for 2-speaker items, the only ones that use it.
+
+    Batch items are addressed by slices of runs of equal speaker count (guidance orders its passes so
+    that the 2-speaker ones come first): indexing with a Python list would copy an index tensor to the
+    device, a host sync, in every block.
     """
 
     tokens: torch.Tensor
     num_speakers: list[int]
     token_masks: torch.Tensor
     grid: tuple[int, int, int]
-    compute_unused_maps: bool = False
+    local: LocalTokens
+    map_everywhere: bool = False
 
-    def reference_map_items(self) -> list[int]:
-        return [b for b, n in enumerate(self.num_speakers) if n == 2 or self.compute_unused_maps]
+    def speaker_runs(self) -> list[tuple[int, slice]]:
+        """(speakers, items) for each run of consecutive batch items with the same speaker count."""
+        runs: list[tuple[int, slice]] = []
+        start = 0
+        for b in range(1, len(self.num_speakers) + 1):
+            if b == len(self.num_speakers) or self.num_speakers[b] != self.num_speakers[start]:
+                runs.append((self.num_speakers[start], slice(start, b)))
+                start = b
+        return runs
+
+    def reference_map_items(self) -> slice | None:
+        """The contiguous items the reference map is computed for (from the first to the last that needs it)."""
+        needed = [b for b, n in enumerate(self.num_speakers) if n == 2 or self.map_everywhere]
+        return slice(needed[0], needed[-1] + 1) if needed else None
 
 
 def apply_rope_1d(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -53,17 +74,23 @@ def apply_rope_1d(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return out.type_as(x)
 
 
-def label_rope_positions(reference_map: torch.Tensor, class_range: int, class_interval: int) -> torch.Tensor:
+def _row_extremes(row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return row.min(dim=-1, keepdim=True).values, row.max(dim=-1, keepdim=True).values
+
+
+def label_rope_positions(reference_map: torch.Tensor, class_range: int, class_interval: int,
+                         extremes: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = _row_extremes
+                         ) -> torch.Tensor:
     """L-RoPE query positions [b, S] from the reference map [b, 3, S] (rows: person 1, person 2, background).
 
     Each person's row is min-max normalised over all tokens into its label interval
     ([0, interval] and [range − interval, range]); every token takes the position of its argmax class,
-    the background taking range/2.
+    the background taking range/2. `extremes` gives a row's (min, max) over all tokens: across ranks when
+    the sequence is split.
     """
 
     def rescale(row: torch.Tensor, low: float, high: float) -> torch.Tensor:
-        row_min = row.min(dim=-1, keepdim=True).values
-        row_max = row.max(dim=-1, keepdim=True).values
+        row_min, row_max = extremes(row)
         return (row - row_min) / (row_max - row_min + 1e-8) * (high - low) + low
 
     person1 = rescale(reference_map[:, 0], 0, class_interval)
@@ -86,32 +113,32 @@ class MultiTalkAudioAttnProcessor:
         audio: AudioConditioning,
         reference_map: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden_states [B, S, dim]; reference_map [b, 3, S] for the items of audio.reference_map_items()."""
-        batch, seq, dim = hidden_states.shape
-        frames = audio.grid[0]
+        """hidden_states [B, S, dim]; reference_map [b, 3, S] for the items `audio.reference_map_items()`."""
+        frames = audio.local.frames.stop - audio.local.frames.start
         heads, tokens_per_speaker = attn.heads, attn.tokens_per_speaker
         query = attn.to_q(hidden_states).unflatten(-1, (heads, -1))  # [B, S, H, D]
         key, value = attn.to_kv(audio.tokens).chunk(2, dim=-1)  # [B, T, N_a, dim] each
-        map_rows = {b: row for row, b in enumerate(audio.reference_map_items())}
+        map_items = audio.reference_map_items()
+        local = audio.local
 
         out = torch.empty_like(query)
-        for speakers in sorted(set(audio.num_speakers)):
-            idx = [b for b, n in enumerate(audio.num_speakers) if n == speakers]
+        for speakers, items in audio.speaker_runs():
             n_keys = speakers * tokens_per_speaker
-            q = query[idx]
-            k = key[idx, :, :n_keys].unflatten(-1, (heads, -1))  # [b, T, n_keys, H, D]
-            v = value[idx, :, :n_keys].unflatten(-1, (heads, -1))
+            q = query[items]
+            k = key[items, local.frames, :n_keys].unflatten(-1, (heads, -1))  # [b, T_local, n_keys, H, D]
+            v = value[items, local.frames, :n_keys].unflatten(-1, (heads, -1))
             if speakers == 2:
-                ref = reference_map[[map_rows[b] for b in idx]]
-                q = apply_rope_1d(q, label_rope_positions(ref, attn.class_range, attn.class_interval))
+                ref = reference_map[items.start - map_items.start : items.stop - map_items.start]
+                q = apply_rope_1d(q, label_rope_positions(ref, attn.class_range, attn.class_interval, local.extremes))
                 k = apply_rope_1d(k, attn.speaker_key_positions(tokens_per_speaker, k.device))
             elif speakers != 1:
                 raise ValueError(f"MultiTalk supports 1 or 2 speakers, got {speakers}")
-            q = q.unflatten(1, (frames, -1)).flatten(0, 1)  # [b·T, S/T, H, D]
-            group_out = dispatch_attention_fn(
+            # A rank's tokens need not start or end on a frame boundary: pad them out to whole frames.
+            q = local.pad_to_frames(q).unflatten(1, (frames, -1)).flatten(0, 1)  # [b·T_local, L, H, D]
+            run_out = dispatch_attention_fn(
                 q, k.flatten(0, 1), v.flatten(0, 1), dropout_p=0.0, is_causal=False, backend=self._attention_backend
             )
-            out[idx] = group_out.unflatten(0, (len(idx), frames)).flatten(1, 2).type_as(out)
+            out[items] = local.unpad(run_out.unflatten(0, (-1, frames)).flatten(1, 2)).type_as(out)
         return attn.to_out(out.flatten(2, 3))
 
 
@@ -139,7 +166,9 @@ class MultiTalkAudioAttention(nn.Module, AttentionModuleMixin):
         """Positions of the two speakers' audio keys: the centres of their label intervals (2 and 22)."""
         person1 = self.class_interval / 2
         person2 = self.class_range - self.class_interval / 2
-        return torch.tensor([person1] * tokens_per_speaker + [person2] * tokens_per_speaker, device=device)
+        # torch.full on the device: a Python list would be copied from the host (a sync) in every block.
+        return torch.cat([torch.full((tokens_per_speaker,), person1, device=device),
+                          torch.full((tokens_per_speaker,), person2, device=device)])
 
     def forward(self, hidden_states: torch.Tensor, audio: AudioConditioning, reference_map: torch.Tensor | None = None):
         return self.processor(self, hidden_states, audio, reference_map)

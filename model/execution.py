@@ -1,13 +1,17 @@
 """How the transformer runs on its device: attention kernel, weight storage, offloading, compilation.
 
-These options change speed and memory, never the request's meaning. Each is applied once, after the
+These options change speed and memory, never the request's meaning. The module imports no torch at
+import time, so the server's settings can validate against it. Each is applied once, after the
 weights are loaded and before the first request (`prepare_transformer`), so nothing in the step loop
 branches on them. The defaults are the fastest exact configuration that fits one 80 GB GPU.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
 
 WEIGHT_MODES = ("bf16", "fp8", "fp8-storage", "int8")
 OFFLOAD_MODES = ("none", "blocks")
@@ -22,12 +26,15 @@ class ExecutionOptions:
     offload: `blocks` keeps the DiT's blocks in CPU memory and streams them to the GPU one group at a time,
         overlapped with compute (480p on a 24 GB GPU).
     compile: compile each transformer block with torch.compile (regional), warmed up at load.
+    reference_schedule: run as the original schedules the work: guidance passes one at a time at batch 1 and
+        the reference map in every pass with an explicit softmax. Same numbers, slower: benchmarks, parity.
     """
 
     attention: str = "auto"
     weights: str = "bf16"
     offload: str = "none"
     compile: bool = False
+    reference_schedule: bool = False
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_MODES:
@@ -39,3 +46,25 @@ class ExecutionOptions:
     def loads_on_cpu_first(self) -> bool:
         """Quantised or offloaded transformers are converted on the CPU, so the GPU never holds full bf16 weights."""
         return self.weights != "bf16" or self.offload != "none"
+
+
+def prepare_transformer(transformer, options: ExecutionOptions, device) -> str:
+    """Apply `options` to a loaded transformer (on the CPU when `options.loads_on_cpu_first`, else on `device`).
+
+    Order matters: weights are converted before they are offloaded or moved, and compilation comes last so
+    it sees the final modules. Returns the attention backend in use.
+    """
+    import torch
+
+    from .attention_backends import apply_attention_backend
+    from .memory import prepare_memory
+
+    device = torch.device(device)
+    prepare_memory(transformer, options, device)
+    backend = apply_attention_backend(transformer, device, options.attention)
+    transformer.reference_map_mode = "original" if options.reference_schedule else "fused"
+    if options.compile:
+        transformer.compile_repeated_blocks(fullgraph=True)
+    logger.info("transformer prepared device=%s attention=%s weights=%s offload=%s compile=%s reference_schedule=%s",
+                device, backend, options.weights, options.offload, options.compile, options.reference_schedule)
+    return backend

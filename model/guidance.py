@@ -140,12 +140,32 @@ class GuidanceCombiner:
 
 @torch.no_grad()
 def guided_velocity(transformer, latent_input: torch.Tensor, timestep: torch.Tensor, batch_kwargs: dict,
-                    combiner: GuidanceCombiner, block_cache=None) -> torch.Tensor:
+                    combiner: GuidanceCombiner, block_cache=None, batched: bool = True) -> torch.Tensor:
     """One step's guided prediction: latent_input [1, 36, T, h, w], timestep [1] → [1, 16, T, h, w].
 
     batch_kwargs: `GuidanceInputs.transformer_kwargs(text_scale, transformer.dtype)`, built once per clip.
+    batched=False runs the passes one after another at batch 1, as the original does (the reference schedule).
     """
-    batch = len(batch_kwargs["num_speakers"])
-    latents = latent_input.to(transformer.dtype).expand(batch, -1, -1, -1, -1)
-    predictions = transformer(latents, timestep.expand(batch), **batch_kwargs, block_cache=block_cache).sample
+    passes = len(batch_kwargs["num_speakers"])
+    latents = latent_input.to(transformer.dtype)
+    if batched:
+        predictions = transformer(latents.expand(passes, -1, -1, -1, -1), timestep.expand(passes), **batch_kwargs,
+                                  block_cache=block_cache).sample
+    elif block_cache is not None:
+        raise ValueError("TeaCache keeps one state per guidance branch and needs the batched passes")
+    else:
+        predictions = torch.cat([transformer(latents, timestep, **single_pass_kwargs(batch_kwargs, i)).sample
+                                 for i in range(passes)])
     return combiner(predictions)
+
+
+def single_pass_kwargs(batch_kwargs: dict, index: int) -> dict:
+    """The transformer inputs of guidance pass `index` alone (batch 1, only the streams it uses)."""
+    speakers = batch_kwargs["num_speakers"][index]
+    return {
+        "encoder_hidden_states": batch_kwargs["encoder_hidden_states"][index : index + 1],
+        "encoder_hidden_states_image": batch_kwargs["encoder_hidden_states_image"][index : index + 1],
+        "audio_embeds": batch_kwargs["audio_embeds"][index : index + 1, :speakers],
+        "num_speakers": [speakers],
+        "ref_target_masks": batch_kwargs["ref_target_masks"],
+    }

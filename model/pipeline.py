@@ -24,6 +24,8 @@ import torch
 from .acceleration import SamplingRecipe, recipe_for
 from .audio_input import SAMPLES_PER_FRAME, combine_speakers, fit_length, load_speech
 from .errors import GenerationCancelled, InputError
+from .execution import ExecutionOptions, prepare_transformer
+from .guidance import GuidanceCombiner, GuidanceConfig, GuidanceInputs, guided_velocity
 from .image_input import choose_bucket, load_image, pixels_to_tensor, resize_and_center_crop
 from .long_video import ClipPlan, plan_clips
 from .lora import load_lora, loaded_loras, use_lora
@@ -31,7 +33,7 @@ from .person_masks import Box, detect_speaker_boxes, person_masks, validate_boxe
 from .request_options import ACCELERATIONS, AUDIO_MODES, MAX_SEED, NUM_FRAMES_RANGE, RESOLUTIONS
 from .schedule import sampling_timesteps
 from .teacache import TeaCacheConfig
-from .video_generation import SamplingSettings, VideoConditioning, generate_video_clips
+from .video_generation import LATENT_CHANNELS, SamplingSettings, VideoConditioning, generate_video_clips
 from .video_output import Mp4Writer, frames_to_uint8
 from .weights.layout import MultiTalkComponents, Precision, find_layout, load_components
 
@@ -136,24 +138,59 @@ def _recipe(request: GenerationRequest, loras: Sequence[str]) -> SamplingRecipe:
 class Pipeline:
     """All MultiTalk models, loaded once; `generate` may be called many times (one call at a time)."""
 
-    def __init__(self, components: MultiTalkComponents, device: torch.device | str = "cpu"):
+    def __init__(self, components: MultiTalkComponents, device: torch.device | str = "cpu",
+                 execution: ExecutionOptions = ExecutionOptions()):
+        """`components.transformer` must already be prepared with `execution` (see `prepare_transformer`)."""
         self.components = components
         self.device = torch.device(device)
+        self.execution = execution
 
     @classmethod
     def from_weights(cls, root: Path, device: torch.device | str = "cpu", precision: Precision | None = None,
-                     loras: Sequence[Path] = ()) -> "Pipeline":
-        """Load a checkpoint folder (either published layout) and the LoRA files in `root/loras` plus `loras`."""
+                     loras: Sequence[Path] = (), execution: ExecutionOptions = ExecutionOptions()) -> "Pipeline":
+        """Load a checkpoint folder (either published layout) and the LoRA files in `root/loras` plus `loras`,
+        then prepare the transformer for `execution` (kernels, weight storage, offload, compilation)."""
         started = time.perf_counter()
         layout = find_layout(Path(root))
-        pipeline = cls(load_components(layout, device, precision), device)
+        transformer_device = "cpu" if execution.loads_on_cpu_first else device
+        pipeline = cls(load_components(layout, device, precision, transformer_device), device, execution)
         lora_dir = Path(root) / "loras"
         files = sorted(lora_dir.glob("*.safetensors")) if lora_dir.is_dir() else []
         for path in [*files, *map(Path, loras)]:
             info = load_lora(pipeline.components.transformer, path, path.stem.replace(".", "_"))
             logger.info("lora loaded name=%s pairs=%d diffs=%d", info.name, info.pairs, info.diffs)
+        prepare_transformer(pipeline.components.transformer, execution, device)
         logger.info("pipeline ready layout=%s device=%s load_s=%.1f", layout.kind, device, time.perf_counter() - started)
         return pipeline
+
+    def warm_up(self, frame_size: tuple[int, int] = (448, 896), frames: int = 81) -> float:
+        """One denoising step of both guidance schedules (3 and 2 passes, two speakers) at `frame_size` on random
+        inputs, so that torch.compile compiles, and the kernels autotune, at start-up instead of in the first
+        request. Returns the seconds it took."""
+        started = time.perf_counter()
+        config = self.components.transformer.config
+        height, width = frame_size[0] // 8, frame_size[1] // 8
+        latent_frames = (frames - 1) // config.vae_scale + 1
+
+        def random(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, device=self.device)
+
+        inputs = GuidanceInputs(
+            context=random(16, config.text_dim), negative_context=random(16, config.text_dim),
+            image_features=random(1, 257, config.image_dim),
+            audio=random(2, frames, config.audio_window, config.audio_layers, config.audio_dim),
+            ref_target_masks=torch.ones(3, height, width, device=self.device),
+        )
+        latent = random(1, 4 + 2 * LATENT_CHANNELS, latent_frames, height, width)
+        timestep = torch.full((1,), 999.0, device=self.device)
+        for text_scale in (5.0, 1.0):
+            guidance = GuidanceConfig(text_scale=text_scale)
+            batch_kwargs = inputs.transformer_kwargs(text_scale, self.components.transformer.dtype)
+            guided_velocity(self.components.transformer, latent, timestep, batch_kwargs, GuidanceCombiner(guidance),
+                            batched=not self.execution.reference_schedule)
+        seconds = time.perf_counter() - started
+        logger.info("warm-up done frame_size=%dx%d seconds=%.1f", *frame_size, seconds)
+        return seconds
 
     @property
     def loras(self) -> list[str]:
@@ -190,6 +227,7 @@ class Pipeline:
             None if recipe.teacache_threshold is None else TeaCacheConfig.for_run(
                 request.resolution, recipe.teacache_threshold, recipe.steps),
             request.color_correction_strength,
+            batched_guidance=not self.execution.reference_schedule,
         )
         logger.info("generate seed=%d frames=%d size=%dx%d speakers=%d clips=%d acceleration=%s %s",
                     seed, request.num_frames, width, height, len(embeddings), len(clips), request.acceleration,

@@ -16,46 +16,68 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
 
+from .sequence_parallel import LocalTokens
+
 
 @dataclass
 class ReferenceMapRequest:
-    """Asks a self-attention call for the reference map of some batch items.
+    """Asks a self-attention call for the reference map of a contiguous run of batch items.
 
     token_masks: [b, C, L_ref] 0/1 masks of C classes (person 1, person 2, background) over the
     L_ref tokens of the first latent frame, one row per requested batch item.
+    fused: compute it with the attention kernel (`reference_attention_map`) rather than the original's
+    explicit softmax (`reference_attention_map_explicit`).
     """
 
-    sample_indices: list[int]
+    items: slice
     token_masks: torch.Tensor
-    result: torch.Tensor | None = None  # [b, C, S] once the attention ran
+    fused: bool = True
+    local: LocalTokens | None = None  # this rank's tokens under sequence parallelism (None: all of them)
+    result: torch.Tensor | None = None  # [b, C, S_local] once the attention ran
 
 
-def apply_wan_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    """3-axis RoPE of Wan on x [B, S, H, D]: adjacent channel pairs rotated by the (1, S, 1, D) tables."""
+def apply_wan_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """3-axis RoPE of Wan on x [B, S, H, D]: channel pairs (2k, 2k+1) rotated by angle tables [1, S, 1, D/2] (fp32)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = freqs_cos[..., 0::2]
-    sin = freqs_sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
+    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
 
 
-def reference_attention_map(query: torch.Tensor, key: torch.Tensor, token_masks: torch.Tensor) -> torch.Tensor:
+def reference_attention_map(query: torch.Tensor, key: torch.Tensor, token_masks: torch.Tensor,
+                            backend=None) -> torch.Tensor:
     """Mean attention probability each query puts on each class region of the first latent frame.
 
     query, key: [b, S, H, D] after RoPE; token_masks: [b, C, L_ref], the first L_ref keys being the
     first latent frame. For head n: P_n = softmax(q·k_refᵀ/√D) over the L_ref reference keys only;
-    map[c, i] = mean over heads of Σ_{j∈class c} P_n[i, j] / |class c|. Returns [b, C, S].
+    map[c, i] = mean over heads of Σ_{j∈class c} P_n[i, j] / |class c|. Returns [b, C, S] in fp32.
 
-    Written as P_n @ (masks / |class|)ᵀ, one head at a time, so only one [b, S, L_ref] probability
-    matrix exists at once (the original materialises half of the heads at a time).
+    Σ_j P_n[i, j]·M_c[j] is an attention whose values are the 0/1 class masks, so one fused attention
+    call (values padded to D channels, the masks in the first C) computes every head and class without
+    materialising any [S, L_ref] probability matrix; the division by |class| happens afterwards in fp32.
+    """
+    batch, _, heads, head_dim = query.shape
+    classes, ref_len = token_masks.shape[1:]
+    if head_dim < classes:
+        raise ValueError(f"head_dim {head_dim} is smaller than the {classes} reference classes")
+    values = query.new_zeros(batch, ref_len, heads, head_dim)  # [b, L_ref, H, D]
+    values[..., :classes] = token_masks.transpose(1, 2)[:, :, None, :].to(query.dtype)
+    shares = dispatch_attention_fn(query, key[:, :ref_len], values, dropout_p=0.0, is_causal=False, backend=backend)
+    shares = shares[..., :classes].float().mean(dim=2)  # [b, S, C]
+    # An empty class would divide by zero (NaN in the original); it gets zero attention instead.
+    sizes = token_masks.float().sum(-1).clamp_min(1)  # [b, C]
+    return (shares / sizes[:, None, :]).transpose(1, 2)
+
+
+def reference_attention_map_explicit(query: torch.Tensor, key: torch.Tensor, token_masks: torch.Tensor) -> torch.Tensor:
+    """The same map as `reference_attention_map`, computed as the original does: an explicit softmax per head.
+
+    Kept as the reference schedule's formulation (benchmarks, parity checks). One [b, S, L_ref]
+    probability matrix exists at a time (the original materialises half of the heads at once).
     """
     batch, seq, heads, head_dim = query.shape
     ref_len = token_masks.shape[-1]
     key_ref = key[:, :ref_len]
     masks = token_masks.to(query.dtype)
-    # An empty class would divide by zero (NaN in the original); it gets zero attention instead.
     class_weights = masks / masks.sum(-1, keepdim=True).clamp_min(1)  # [b, C, L_ref]
     scale = head_dim**-0.5
     total = query.new_zeros(batch, masks.shape[1], seq)
@@ -63,7 +85,7 @@ def reference_attention_map(query: torch.Tensor, key: torch.Tensor, token_masks:
         logits = (query[:, :, head] * scale) @ key_ref[:, :, head].transpose(1, 2)  # [b, S, L_ref]
         probs = logits.softmax(dim=-1)
         total += class_weights @ probs.transpose(1, 2)  # [b, C, S]
-    return total / heads
+    return (total / heads).float()
 
 
 class MultiTalkSelfAttnProcessor:
@@ -102,9 +124,17 @@ class MultiTalkSelfAttnProcessor:
         out = out.flatten(2, 3).type_as(query)
 
         if reference_map is not None:
-            idx = reference_map.sample_indices
+            items = reference_map.items
+            key_ref = key[items]
+            if reference_map.local is not None:  # the first frame's keys, wherever their rank is
+                key_ref = reference_map.local.first_tokens(key_ref, reference_map.token_masks.shape[-1])
             with torch.no_grad():
-                reference_map.result = reference_attention_map(query[idx], key[idx], reference_map.token_masks)
+                if reference_map.fused:
+                    reference_map.result = reference_attention_map(
+                        query[items], key_ref, reference_map.token_masks, self._attention_backend)
+                else:
+                    reference_map.result = reference_attention_map_explicit(
+                        query[items], key_ref, reference_map.token_masks)
 
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

@@ -41,11 +41,13 @@ def sample_clip(
     generator: torch.Generator | None = None,
     teacache: TeaCacheConfig | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    batched_guidance: bool = True,
 ) -> tuple[torch.Tensor, TeaCache | None]:
     """Denoise one clip: returns the final latent [16, T, h, w] (fp32) and the clip's TeaCache (or None).
 
     timesteps: [steps + 1] from `sampling_timesteps`. on_step(step, steps) runs after every step (progress,
-    cancellation: it may raise to stop).
+    cancellation: it may raise to stop). batched_guidance=False runs the guidance passes one at a time (the
+    original's schedule, for benchmarks and parity checks).
     """
     device = inputs.noise.device
     timesteps = timesteps.to(device)
@@ -62,7 +64,8 @@ def sample_clip(
     condition = inputs.condition.to(device=device, dtype=latent.dtype)
     for i in range(steps):
         latent_input = torch.cat([latent[None], condition], dim=1)  # [1, 36, T, h, w]
-        velocity = guided_velocity(transformer, latent_input, timesteps[i : i + 1], batch_kwargs, combiner, cache)
+        velocity = guided_velocity(transformer, latent_input, timesteps[i : i + 1], batch_kwargs, combiner, cache,
+                                   batched_guidance)
         dt = (timesteps[i] - timesteps[i + 1]) / 1000
         latent = latent + (-velocity[0].float()) * dt
         if motion is not None:

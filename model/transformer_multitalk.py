@@ -20,14 +20,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.normalization import FP32LayerNorm
-from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
+from diffusers.models.transformers.transformer_wan import (
+    WanRotaryPosEmbed,
+    WanTransformer3DModel,
+    WanTransformerBlock,
+)
 
 from .audio_attention import AudioConditioning, MultiTalkAudioAttention
 from .audio_projection import MultiTalkAudioProjModel
 from .configs import TEXT_LEN
 from .reference_attention import MultiTalkSelfAttnProcessor, ReferenceMapRequest
+from .sequence_parallel import LocalTokens
 
 
 class Float64SinusoidalTimesteps(nn.Module):
@@ -46,6 +52,26 @@ class Float64SinusoidalTimesteps(nn.Module):
         freqs = torch.pow(10000, -torch.arange(half, device=timesteps.device, dtype=torch.float64).div(half))
         sinusoid = torch.outer(position, freqs)
         return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1).float()
+
+
+class CachedWanRotaryTables(WanRotaryPosEmbed):
+    """Wan's 3-axis RoPE as angle tables (cos, sin), each [1, S, 1, D/2] in fp32, built once per token grid.
+
+    diffusers' `WanRotaryPosEmbed` rebuilds [1, S, 1, D] tables (every value twice) on every forward and the
+    rotation then takes every other channel in every attention call; a request's grid never changes between
+    steps, so the halves are built once and kept (one grid at a time, per device).
+    """
+
+    def __init__(self, attention_head_dim: int, patch_size: tuple[int, ...], max_seq_len: int):
+        super().__init__(attention_head_dim, patch_size, max_seq_len)
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(hidden_states.shape[2:]), hidden_states.device)
+        if key not in self._tables:
+            cos, sin = super().forward(hidden_states)  # [1, S, 1, D], each angle repeated for its channel pair
+            self._tables = {key: (cos[..., 0::2].float().contiguous(), sin[..., 1::2].float().contiguous())}
+        return self._tables[key]
 
 
 class MultiTalkTransformerBlock(WanTransformerBlock):
@@ -86,9 +112,10 @@ class MultiTalkTransformerBlock(WanTransformerBlock):
 
         # 1. Self-attention (optionally also the reference map the audio attention routes by)
         map_request = None
-        if audio is not None and audio.reference_map_items():
-            items = audio.reference_map_items()
-            map_request = ReferenceMapRequest(items, audio.token_masks[items])
+        map_items = audio.reference_map_items() if audio is not None else None
+        if map_items is not None:
+            map_request = ReferenceMapRequest(map_items, audio.token_masks[map_items], fused=not audio.map_everywhere,
+                                              local=audio.local)
         norm_hidden_states = (self.norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(hidden_states)
         attn_output = self.attn1(norm_hidden_states, None, None, rotary_emb, reference_map=map_request)
         hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
@@ -123,7 +150,17 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
     _no_split_modules = ["MultiTalkTransformerBlock"]
     _repeated_blocks = ["MultiTalkTransformerBlock"]
     _keep_in_fp32_modules = [*WanTransformer3DModel._keep_in_fp32_modules, "norm_audio"]
-    _cp_plan = None  # sequence parallelism needs frame-aligned audio attention (not yet)
+    # Sequence parallelism (diffusers context parallelism): the RoPE tables and the tokens entering the blocks
+    # are split across ranks, the head's output gathered; the audio attention and the reference map handle
+    # their cross-rank needs themselves (model/sequence_parallel.py). The text/image context is not split.
+    _cp_plan = {
+        "rope": {
+            0: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
+            1: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
+        },
+        "token_shard": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
 
     @register_to_config
     def __init__(
@@ -196,8 +233,13 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
             output_dim=audio_output_dim,
             context_tokens=audio_context_tokens,
         )
-        # Diagnostics: compute the reference map in passes that do not use it (the original does).
-        self.compute_unused_reference_maps = False
+        self.rope = CachedWanRotaryTables(attention_head_dim, patch_size, rope_max_seq_len)
+        # Where the token sequence is split across ranks under sequence parallelism (a no-op otherwise). A module
+        # of its own, rather than the first block's input, so that TeaCache's skipped steps are split too.
+        self.token_shard = nn.Identity()
+        # "fused": the reference map only in 2-speaker passes, through the attention kernel; "original": in
+        # every pass with an explicit softmax, as the original does (the reference schedule, parity checks).
+        self.reference_map_mode = "fused"
 
     def _audio_conditioning(
         self,
@@ -218,7 +260,8 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         masks = ref_target_masks if ref_target_masks.ndim == 4 else ref_target_masks[None].expand(batch, -1, -1, -1)
         masks = F.interpolate(masks.float(), size=grid[1:], mode="nearest") > 0
         token_masks = masks.flatten(2).to(dtype)  # [B, 3, N_h·N_w]
-        return AudioConditioning(tokens.to(dtype), speakers, token_masks, grid, self.compute_unused_reference_maps)
+        local = LocalTokens.of(grid[0] * grid[1] * grid[2], grid[1] * grid[2], self._parallel_config)
+        return AudioConditioning(tokens.to(dtype), speakers, token_masks, grid, local, self.reference_map_mode == "original")
 
     def forward(
         self,
@@ -264,6 +307,7 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         context = torch.cat([encoder_hidden_states_image, encoder_hidden_states], dim=1).to(hidden_states.dtype)
 
         audio = self._audio_conditioning(audio_embeds, num_speakers, ref_target_masks, grid, hidden_states.dtype)
+        hidden_states = self.token_shard(hidden_states)  # [B, S_local, dim]
 
         def run_blocks(states: torch.Tensor) -> torch.Tensor:
             for block in self.blocks:
@@ -285,6 +329,21 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
+
+    def _resolve_parallel_config(self, config):
+        """diffusers places rank r on accelerator r mod count, which divides by zero without one; on the CPU
+        (gloo: tests, debugging) every rank runs on the CPU."""
+        if torch.accelerator.device_count() > 0:
+            return super()._resolve_parallel_config(config)
+        from diffusers.models._modeling_parallel import ParallelConfig
+
+        config = config if isinstance(config, ParallelConfig) else ParallelConfig(context_parallel_config=config)
+        cp = config.context_parallel_config
+        mesh = cp.mesh or torch.distributed.device_mesh.init_device_mesh("cpu", cp.mesh_shape,
+                                                                          mesh_dim_names=cp.mesh_dim_names)
+        config.setup(torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.device("cpu"), mesh=mesh)
+        self._parallel_config = config
+        return config
 
     @property
     def num_parameters_by_part(self) -> dict[str, int]:

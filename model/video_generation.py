@@ -42,6 +42,7 @@ class SamplingSettings:
     guidance: GuidanceConfig
     teacache: TeaCacheConfig | None = None
     color_correction_strength: float = 1.0
+    batched_guidance: bool = True  # False: the passes one at a time, as the original (reference schedule)
 
 
 @dataclass
@@ -62,7 +63,7 @@ def generate_video_clips(
     generator: torch.Generator,
     on_step: Callable[[ClipPlan, int, int], None] | None = None,
 ) -> Iterator[ClipOutput]:
-    device = transformer.device
+    device = generator.device  # the pipeline's device (an offloaded transformer's parameters may sit on the CPU)
     reference = conditioning.reference.float()
     height, width = reference.shape[-2:]
     latent_hw = (height // 8, width // 8)
@@ -85,7 +86,7 @@ def generate_video_clips(
         inputs = ClipInputs(noise, torch.cat([mask, latents.to(mask.dtype)], dim=1), guidance_inputs, motion)
         step_callback = (lambda step, steps, clip=clip: on_step(clip, step, steps)) if on_step else None
         latent, cache = sample_clip(transformer, inputs, settings.timesteps, settings.guidance, generator,
-                                    settings.teacache, step_callback)
+                                    settings.teacache, step_callback, settings.batched_guidance)
         video = vae.decode(latent[None]).float()  # [1, 3, F, H, W]
         if settings.color_correction_strength > 0:
             video = match_colors(video, reference.to(video.device), settings.color_correction_strength)

@@ -10,6 +10,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from model.execution import OFFLOAD_MODES, WEIGHT_MODES, ExecutionOptions
+
 logger = logging.getLogger("multitalk.generate")
 
 
@@ -47,6 +49,12 @@ def add_generate_parser(commands) -> None:
     gen.add_argument("--weights", default="tiny", help="checkpoint folder, or 'tiny' for the built-in tiny weights")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     gen.add_argument("--lora", type=Path, action="append", default=[], help="extra LoRA file (repeatable)")
+    run = gen.add_argument_group("execution (speed and memory; same video up to weight rounding)")
+    run.add_argument("--attention", default="auto", help="attention kernel: auto or a diffusers backend name")
+    run.add_argument("--weight-storage", choices=WEIGHT_MODES, default="bf16", help="transformer block weights")
+    run.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
+                     help="blocks: stream the transformer blocks from CPU memory (24 GB GPUs)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     ext = gen.add_argument_group("extensions beyond the hosted API")
     ext.add_argument("--audio-mode", choices=["add", "para"], default="add",
                      help="add: speakers take turns (first, then second); para: both tracks play at once")
@@ -88,9 +96,14 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        pipeline = Pipeline.from_weights(weights, device, loras=args.lora)
+        execution = ExecutionOptions(attention=args.attention, weights=args.weight_storage, offload=args.offload,
+                                     compile=args.compile)
+        pipeline = Pipeline.from_weights(weights, device, loras=args.lora, execution=execution)
     except WeightsError as exc:
         logger.error("cannot load weights: %s", exc)
+        return 2
+    except (ValueError, ImportError) as exc:  # an execution option this machine cannot run
+        logger.error("cannot prepare the model: %s", exc)
         return 2
     bar = tqdm(total=0, unit="step", desc="sampling")
 

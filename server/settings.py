@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from model.execution import OFFLOAD_MODES, WEIGHT_MODES, ExecutionOptions
+
 MiB = 1024 * 1024
 
 
@@ -43,6 +45,16 @@ def _flag_bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _default_data_dir() -> Path:
@@ -101,6 +113,19 @@ OPTIONS: tuple[Option, ...] = (
            "unset: the resolution's bucket).", "--frame-size", ("serve", "worker")),
     Option("steps", _optional_int, "Sampling steps forced on every job (previews, CPU demos; unset: "
            "the acceleration preset's).", "--steps", ("serve", "worker")),
+    Option("attention", str, "Attention kernel: `auto` (FlashAttention 3, cuDNN, FlashAttention 2, then "
+           "PyTorch SDPA: the first installed and usable; all exact) or a diffusers backend name such as "
+           "`flash`, `_native_cudnn`, `native`, or `sage` (int8 q/k: faster, not exact).", "--attention",
+           ("serve", "worker")),
+    Option("weight_storage", _choice(WEIGHT_MODES), "Storage of the transformer's block weights: `bf16` "
+           "(exact), `fp8` (float8 weights and activations, Hopper/Ada or newer, fastest), `fp8-storage` "
+           "(float8 storage computed in bf16, any GPU), `int8` (weight-only).", "--weight-storage",
+           ("serve", "worker")),
+    Option("offload", _choice(OFFLOAD_MODES), "`blocks`: keep the transformer blocks in CPU memory and "
+           "stream them to the GPU overlapped with compute (480p on 24 GB GPUs; needs ~40 GB RAM); `none`: "
+           "all on the GPU.", "--offload", ("serve", "worker")),
+    Option("compile", _flag_bool, "Compile the transformer blocks with torch.compile and warm up at start "
+           "(minutes at start, faster steps).", "--compile", ("serve", "worker")),
     Option("log_json", _flag_bool, "Log one JSON object per line instead of text.", "--log-json"),
 )
 
@@ -127,6 +152,10 @@ class Settings:
     webhook_attempts: int = 10
     frame_size: tuple[int, int] | None = None
     steps: int | None = None
+    attention: str = "auto"
+    weight_storage: str = "bf16"
+    offload: str = "none"
+    compile: bool = False
     log_json: bool = False
 
     @property
@@ -140,6 +169,11 @@ class Settings:
             return self.public_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def execution(self) -> ExecutionOptions:
+        return ExecutionOptions(attention=self.attention, weights=self.weight_storage, offload=self.offload,
+                                compile=self.compile)
 
     def check(self) -> None:
         """Refuse settings that cannot work, naming the setting, before anything starts."""

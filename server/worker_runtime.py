@@ -2,7 +2,7 @@
 
 Used by `multitalk worker` (one process per GPU) and by `multitalk serve` for its embedded worker
 (a thread of the API process). The worker announces itself through heartbeats in the job store
-(state loading → ready, or failed with the reason; its weights; the job it runs; GPU memory), which
+(state loading → warming_up (with --compile) → ready, or failed with the reason; its weights; the job it runs; GPU memory), which
 is what `/readyz` and `/metrics` read, wherever the worker runs.
 """
 
@@ -115,7 +115,10 @@ def run_worker(settings: Settings, services: Services, stop: threading.Event) ->
             device = _device(settings)
             heartbeat.update(weights=str(weights), device=device)
             logger.info("loading pipeline worker_id=%s weights=%s device=%s", worker_id, weights, device)
-            pipeline = Pipeline.from_weights(weights, device)
+            pipeline = Pipeline.from_weights(weights, device, execution=settings.execution)
+            if settings.compile:
+                heartbeat.update(state="warming_up")
+                pipeline.warm_up(settings.frame_size or (448, 896))
         except Exception as exc:  # noqa: BLE001 - reported through the heartbeat and the log
             logger.exception("pipeline failed to load worker_id=%s", worker_id)
             heartbeat.update(state="failed", error=f"{type(exc).__name__}: {exc}")

@@ -6,8 +6,8 @@ from accelerate import init_empty_weights
 
 from model.audio_attention import apply_rope_1d, label_rope_positions
 from model.configs import MULTITALK_14B
-from model.guidance import GuidanceCombiner, GuidanceConfig, GuidanceInputs, combine_guidance, guided_velocity
-from model.reference_attention import reference_attention_map
+from model.guidance import GuidanceCombiner, GuidanceConfig, GuidanceInputs, guided_velocity
+from model.reference_attention import reference_attention_map, reference_attention_map_explicit
 from model.transformer_multitalk import MultiTalkTransformer3DModel, MultiTalkTransformerBlock
 from model.weights.keymaps import original_dit_key_map
 from model.weights.layout import find_layout, load_transformer
@@ -97,21 +97,21 @@ def test_batched_guidance_equals_sequential_passes(tiny_transformer, speakers, t
 
     assert len(kwargs["num_speakers"]) == len(GuidanceConfig(text_scale).pass_names)
     assert kwargs["num_speakers"][-1] == 1  # the null-audio pass takes the one-speaker path
-    single = []
-    with torch.no_grad():
-        for i, count in enumerate(kwargs["num_speakers"]):
-            single.append(tiny_transformer(
-                latent, timestep, kwargs["encoder_hidden_states"][i:i + 1], kwargs["encoder_hidden_states_image"][i:i + 1],
-                kwargs["audio_embeds"][i:i + 1, :count], kwargs["ref_target_masks"]).sample)
-    sequential = combine_guidance(torch.cat(single), text_scale, 4.0)[None]
+    tiny_transformer.reference_map_mode = "original"
+    try:
+        sequential = guided_velocity(tiny_transformer, latent, timestep, kwargs,
+                                     GuidanceCombiner(GuidanceConfig(text_scale, 4.0)), batched=False)
+    finally:
+        tiny_transformer.reference_map_mode = "fused"
     torch.testing.assert_close(batched, sequential, rtol=1e-4, atol=1e-4 * sequential.abs().max().item())
 
 
-def test_reference_map_equals_the_original_chunked_formula():
+@pytest.mark.parametrize("formula", [reference_attention_map, reference_attention_map_explicit])
+def test_reference_map_equals_the_original_chunked_formula(formula):
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 48, 4, 16, generator=g), torch.randn(1, 48, 4, 16, generator=g)
     masks = (torch.rand(1, 3, 16, generator=g) > 0.5).float()
-    ours = reference_attention_map(q, k, masks)[0]
+    ours = formula(q, k, masks)[0]
     # The original: softmax over the first frame's keys per head, masked sums / mask size, mean over two head halves.
     maps = []
     for half in (slice(0, 2), slice(2, 4)):

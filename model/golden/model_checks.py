@@ -22,7 +22,7 @@ def dit_model(root: str, name: str):
     entry = json.loads((Path(root) / "manifest.json").read_text())["models"][name]
     config = json.loads((Path(root) / entry["config"]).read_text())
     model = load_transformer_files([Path(root) / entry["weights"]], config, "original", what=f"golden DiT {root}")
-    model.compute_unused_reference_maps = True  # the original computes the map in every pass; it is checked
+    model.reference_map_mode = "original"  # the original computes the map in every pass; it is checked
     return model
 
 

@@ -232,8 +232,10 @@ class MultiTalkComponents:
     audio_encoder: Wav2Vec2AudioEncoder
 
 
-def load_components(layout: WeightsLayout, device: torch.device | str = "cpu", precision: Precision | None = None) -> MultiTalkComponents:
-    """Load every model of the pipeline from `layout` (wav2vec2 always fp32 on CPU, as the original)."""
+def load_components(layout: WeightsLayout, device: torch.device | str = "cpu", precision: Precision | None = None,
+                    transformer_device: torch.device | str | None = None) -> MultiTalkComponents:
+    """Load every model of the pipeline from `layout` onto `device` (the transformer onto `transformer_device`
+    when given: the CPU, for conversions before it moves); wav2vec2 always fp32 on CPU, as the original."""
     precision = precision or Precision.for_device(device)
     if layout.kind == "multitalk":
         t5 = load_umt5_from_original(layout.text_encoder, precision.text_encoder, device)
@@ -244,7 +246,7 @@ def load_components(layout: WeightsLayout, device: torch.device | str = "cpu", p
         clip = load_clip_from_pretrained(layout.image_encoder, precision.image_encoder, device)
         vae = load_vae_from_pretrained(layout.vae, precision.vae, device)
     return MultiTalkComponents(
-        transformer=load_transformer(layout, precision.transformer, device),
+        transformer=load_transformer(layout, precision.transformer, transformer_device or device),
         text_encoder=WanTextEncoder.from_tokenizer_dir(t5, layout.tokenizer),
         image_encoder=clip,
         vae=WanVAE(vae),

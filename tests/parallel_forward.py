@@ -1,0 +1,68 @@
+"""One rank of the sequence-parallel check (run by tests/test_sequence_parallel.py under torchrun).
+
+Loads the tiny transformer, splits its sequence with `init_sequence_parallel`, runs the batched guidance
+passes for the cases of `parallel_cases()`, and rank 0 saves the guided velocities to argv[1].
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from model.guidance import GuidanceCombiner, GuidanceConfig, GuidanceInputs, guided_velocity
+from model.weights.layout import find_layout, load_transformer
+
+
+def parallel_cases(transformer) -> dict[str, tuple]:
+    """name → (latent [1, 36, T, h, w], timestep, batch kwargs, guidance config). The grids make two ranks split
+    a frame in the middle (3 frames of 32 tokens) and hold fewer tokens than the first frame has (1 frame)."""
+    cfg = transformer.config
+    cases = {}
+    for name, (frames, height, width), speakers, text_scale in [
+        ("two_speakers_3_pass", (3, 8, 16), 2, 5.0),
+        ("two_speakers_2_pass_one_frame", (1, 8, 16), 2, 1.0),
+        ("one_speaker", (3, 8, 16), 1, 5.0),
+    ]:
+        g = torch.Generator().manual_seed(frames * height * width + speakers)
+        masks = torch.zeros(3, height, width)
+        masks[0, :, : width // 2], masks[1, :, width // 2 :] = 1, 1
+        inputs = GuidanceInputs(
+            context=torch.randn(7, cfg.text_dim, generator=g),
+            negative_context=torch.randn(5, cfg.text_dim, generator=g),
+            image_features=torch.randn(1, 257, cfg.image_dim, generator=g),
+            audio=torch.randn(speakers, 4 * (frames - 1) + 1, cfg.audio_window, cfg.audio_layers, cfg.audio_dim,
+                              generator=g),
+            ref_target_masks=masks,
+        )
+        latent = torch.randn(1, 36, frames, height, width, generator=g)
+        guidance = GuidanceConfig(text_scale=text_scale, audio_scale=4.0)
+        cases[name] = (latent, torch.tensor([600.0]), inputs.transformer_kwargs(text_scale), guidance)
+    return cases
+
+
+def velocities(transformer) -> dict[str, torch.Tensor]:
+    return {name: guided_velocity(transformer, latent, t, kwargs, GuidanceCombiner(guidance))
+            for name, (latent, t, kwargs, guidance) in parallel_cases(transformer).items()}
+
+
+def tiny_transformer(weights: Path):
+    return load_transformer(find_layout(weights), torch.float32)
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    from model.sequence_parallel import init_sequence_parallel
+
+    out, weights, ulysses, ring = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    model = tiny_transformer(weights)
+    init_sequence_parallel(model, ulysses=ulysses, ring=ring)
+    shard_lengths = []  # tokens this rank ran through the blocks, per forward
+    model.token_shard.register_forward_hook(lambda module, args, out: shard_lengths.append(out.shape[1]))
+    result = velocities(model)
+    result["shard_lengths"] = torch.tensor(shard_lengths)
+    if dist.get_rank() == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
