@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from model.guidance import GuidanceCombiner, GuidanceConfig, GuidanceInputs, guided_velocity
+from model.guidance import GuidanceCombiner, GuidanceConfig, guided_velocity
 from model.weights.layout import find_layout, load_transformer
+from model_inputs import random_guidance_inputs
 
 
 def parallel_cases(transformer) -> dict[str, tuple]:
@@ -26,16 +27,7 @@ def parallel_cases(transformer) -> dict[str, tuple]:
         ("one_speaker", (3, 8, 16), 1, 5.0),
     ]:
         g = torch.Generator().manual_seed(frames * height * width + speakers)
-        masks = torch.zeros(3, height, width)
-        masks[0, :, : width // 2], masks[1, :, width // 2 :] = 1, 1
-        inputs = GuidanceInputs(
-            context=torch.randn(7, cfg.text_dim, generator=g),
-            negative_context=torch.randn(5, cfg.text_dim, generator=g),
-            image_features=torch.randn(1, 257, cfg.image_dim, generator=g),
-            audio=torch.randn(speakers, 4 * (frames - 1) + 1, cfg.audio_window, cfg.audio_layers, cfg.audio_dim,
-                              generator=g),
-            ref_target_masks=masks,
-        )
+        inputs = random_guidance_inputs(cfg, (frames, height, width), speakers, g)
         latent = torch.randn(1, 36, frames, height, width, generator=g)
         guidance = GuidanceConfig(text_scale=text_scale, audio_scale=4.0)
         cases[name] = (latent, torch.tensor([600.0]), inputs.transformer_kwargs(text_scale), guidance)

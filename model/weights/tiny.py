@@ -305,7 +305,8 @@ def _write_original_clip(clip: CLIPVisionModel, path: Path) -> None:
     torch.save({k: v.to(torch.float16).contiguous() for k, v in out.items()}, path)
 
 
-def _write_tokenizer(folder: Path) -> None:
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over TINY_VOCAB with umT5's special ids (the text encoder always sees 512 ids)."""
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     for word in TINY_VOCAB:
         vocab.setdefault(word, len(vocab))
@@ -313,8 +314,11 @@ def _write_tokenizer(folder: Path) -> None:
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(folder)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _write_tokenizer(folder: Path) -> None:
+    tiny_tokenizer().save_pretrained(folder)
 
 
 def _write_wav2vec2(model: Wav2Vec2Model, folder: Path) -> None:
