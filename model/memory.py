@@ -31,7 +31,7 @@ from .execution import ExecutionOptions
 
 # Matched with re.search on module names, on top of the model's own `_skip_layerwise_casting_patterns`
 # (patch_embedding, condition_embedder, norm) and `_keep_in_fp32_modules`, which diffusers adds.
-FP8_STORAGE_SKIP_PATTERNS = (*DEFAULT_SKIP_MODULES_PATTERN, "audio_proj", "norm_audio", "scale_shift_table")
+FP8_STORAGE_SKIP_PATTERNS = (*DEFAULT_SKIP_MODULES_PATTERN, "audio_proj", "norm_audio", "scale_shift_table", r"\.lora_")
 FP8_MIN_CUDA_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with float8 tensor cores
 
 
@@ -99,8 +99,9 @@ def apply_offload(transformer: nn.Module, mode: str, device: torch.device | str)
 
 
 def is_block_linear(module: nn.Module, name: str) -> bool:
-    """The layers `weights` quantises: every nn.Linear inside `blocks` (names relative to the transformer)."""
-    return isinstance(module, nn.Linear) and name.startswith("blocks.")
+    """The layers `weights` quantises: every nn.Linear inside `blocks` (names relative to the transformer), the
+    base layers of LoRA-wrapped ones included, but not the LoRA adapters' own small low-rank matrices."""
+    return isinstance(module, nn.Linear) and name.startswith("blocks.") and ".lora_" not in name
 
 
 def _keep_outside_blocks_on(transformer: nn.Module, device: torch.device) -> None:

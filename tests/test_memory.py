@@ -192,3 +192,20 @@ def test_prepare_memory_quantises_then_offloads(tiny_weights, weights):
     model = _model(tiny_weights)
     prepare_memory(model, ExecutionOptions(weights=weights, offload="blocks"), "cpu")
     assert torch.equal(_velocity(model), _velocity(quantised))  # quantised weights move with their blocks
+
+
+@pytest.mark.parametrize("weights", ["int8", "fp8-storage"])
+def test_lora_adapters_keep_the_compute_dtype_while_their_base_layers_are_converted(tiny_weights, tmp_path, weights):
+    from model.lora import load_lora
+    from model.weights.tiny import write_tiny_lora
+
+    model = _model(tiny_weights)
+    load_lora(model, write_tiny_lora(tmp_path / "lora.safetensors", model, rank=4), "distilled")
+    apply_weight_storage(model, weights, "cpu")
+    base = model.blocks[0].attn1.to_q.base_layer
+    adapter = model.blocks[0].attn1.to_q.lora_A["distilled"]
+    # int8: a torchao tensor subclass; fp8-storage: a plain float8 tensor.
+    assert type(base.weight.data) is not torch.Tensor or base.weight.dtype == torch.float8_e4m3fn
+    assert type(adapter.weight.data) is torch.Tensor and adapter.weight.dtype == torch.float32
+    assert all(".lora_" not in name for name in _block_linears(model))
+    assert _velocity(model).isfinite().all()
