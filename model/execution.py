@@ -28,6 +28,8 @@ class ExecutionOptions:
     compile: compile each transformer block with torch.compile (regional), warmed up at load.
     reference_schedule: run as the original schedules the work: guidance passes one at a time at batch 1 and
         the reference map in every pass with an explicit softmax. Same numbers, slower: benchmarks, parity.
+    sequence_parallel: split every forward's tokens over this many ranks of a torchrun process group
+        (`model/sequence_parallel.py`); 1: off.
     """
 
     attention: str = "auto"
@@ -35,12 +37,15 @@ class ExecutionOptions:
     offload: str = "none"
     compile: bool = False
     reference_schedule: bool = False
+    sequence_parallel: int = 1
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")
         if self.offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {self.offload!r}")
+        if self.sequence_parallel < 1:
+            raise ValueError(f"sequence_parallel must be at least 1, got {self.sequence_parallel}")
 
     @property
     def loads_on_cpu_first(self) -> bool:
@@ -58,13 +63,18 @@ def prepare_transformer(transformer, options: ExecutionOptions, device) -> str:
 
     from .attention_backends import apply_attention_backend
     from .memory import prepare_memory
+    from .sequence_parallel import enable_sequence_parallel
 
     device = torch.device(device)
     prepare_memory(transformer, options, device)
-    backend = apply_attention_backend(transformer, device, options.attention)
+    parallel = options.sequence_parallel > 1
+    backend = apply_attention_backend(transformer, device, options.attention, context_parallel=parallel)
     transformer.reference_map_mode = "original" if options.reference_schedule else "fused"
+    if parallel:
+        enable_sequence_parallel(transformer, options.sequence_parallel)
     if options.compile:
         transformer.compile_repeated_blocks(fullgraph=True)
-    logger.info("transformer prepared device=%s attention=%s weights=%s offload=%s compile=%s reference_schedule=%s",
-                device, backend, options.weights, options.offload, options.compile, options.reference_schedule)
+    logger.info("transformer prepared device=%s attention=%s weights=%s offload=%s compile=%s reference_schedule=%s "
+                "sequence_parallel=%d", device, backend, options.weights, options.offload, options.compile,
+                options.reference_schedule, options.sequence_parallel)
     return backend

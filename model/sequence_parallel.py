@@ -12,14 +12,15 @@ and gathers the output before the head. What MultiTalk adds on top is handled he
 * L-RoPE normalises each person's map row by its minimum and maximum over the whole video: those are
   all-reduced across ranks (`LocalTokens.extremes`).
 
-Launch with `torchrun --nproc-per-node N ... multitalk generate --sequence-parallel N` (one process per
-GPU); every rank computes the same video and rank 0 writes it.
+Launch with `torchrun --nproc-per-node N $(which multitalk) generate --sequence-parallel N ...` (one process
+per GPU); every rank computes the same video and rank 0 writes it.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -103,20 +104,31 @@ class LocalTokens:
         return funcol.all_reduce(low, "min", self._group()), funcol.all_reduce(high, "max", self._group())
 
 
-def init_sequence_parallel(transformer, ulysses: int, ring: int = 1):
-    """Join the torchrun process group (NCCL on CUDA, gloo on CPU) and split `transformer`'s sequence.
-
-    Returns this process's device. The attention backend must be one diffusers can run across ranks
-    (`native`, `_native_cudnn`, `flash`, `sage`; `model.attention_backends` picks among those).
-    """
-    from diffusers import ContextParallelConfig
-
+def join_process_group() -> torch.device:
+    """Join torchrun's process group (NCCL on CUDA, gloo on the CPU); returns this rank's device."""
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
     return device
+
+
+def agreed_seed(seed: int | None, draw: Callable[[], int]) -> int:
+    """Every rank must sample the same noise: rank 0's seed (`draw()` when None) is broadcast to all."""
+    value = [seed if seed is not None else draw()]
+    dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
+def enable_sequence_parallel(transformer, degree: int) -> None:
+    """Split `transformer`'s token sequence over `degree` ranks with Ulysses attention (an all-to-all over heads,
+    so the head count, 40 for the 14B model, must be divisible by `degree`). The attention backend must be one
+    diffusers runs across ranks (`model.attention_backends` picks among those when told)."""
+    from diffusers import ContextParallelConfig
+
+    heads = transformer.config.num_attention_heads
+    if heads % degree:
+        raise ValueError(f"sequence_parallel: {degree} does not divide the model's {heads} attention heads")
+    transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import random
 from pathlib import Path
 
 from model.execution import OFFLOAD_MODES, WEIGHT_MODES, ExecutionOptions
@@ -55,6 +57,8 @@ def add_generate_parser(commands) -> None:
     run.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
                      help="blocks: stream the transformer blocks from CPU memory (24 GB GPUs)")
     run.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    run.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
+                     help="split every step over N GPUs; launch with torchrun --nproc-per-node N")
     ext = gen.add_argument_group("extensions beyond the hosted API")
     ext.add_argument("--audio-mode", choices=["add", "para"], default="add",
                      help="add: speakers take turns (first, then second); para: both tracks play at once")
@@ -83,11 +87,25 @@ def run_generate(args: argparse.Namespace) -> int:
     from model.weights.tiny import cached_tiny_weights
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    rank, output, seed = 0, args.out, args.seed
+    if args.sequence_parallel > 1:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != args.sequence_parallel:
+            logger.error("--sequence-parallel %d needs one process per GPU: torchrun --nproc-per-node %d "
+                         "(this run has WORLD_SIZE %d)", args.sequence_parallel, args.sequence_parallel, world)
+            return 2
+        from model.sequence_parallel import agreed_seed, join_process_group
+
+        device = join_process_group()
+        rank = torch.distributed.get_rank()
+        seed = agreed_seed(seed, lambda: random.randint(0, 99_999_999))
+        if rank:  # every rank decodes the same video; rank 0 writes it
+            output = args.out.with_name(f".{args.out.stem}.rank{rank}.mp4")
     weights = cached_tiny_weights() if args.weights == "tiny" else Path(args.weights)
     audio = [args.audio] + ([args.audio2] if args.audio2 else [])
     request = GenerationRequest(
-        image=args.image, audio=audio, prompt=args.prompt, output=args.out, num_frames=args.num_frames,
-        resolution=args.resolution, seed=args.seed, acceleration=args.acceleration,
+        image=args.image, audio=audio, prompt=args.prompt, output=output, num_frames=args.num_frames,
+        resolution=args.resolution, seed=seed, acceleration=args.acceleration,
         use_only_first_audio=args.use_only_first_audio, audio_mode=args.audio_mode, speaker_boxes=args.speaker_boxes,
         detect_speakers=args.detect_speakers, negative_prompt=args.negative_prompt, steps=args.steps,
         shift=args.shift, text_scale=args.text_scale, audio_scale=args.audio_scale, use_apg=args.apg,
@@ -97,7 +115,7 @@ def run_generate(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         execution = ExecutionOptions(attention=args.attention, weights=args.weight_storage, offload=args.offload,
-                                     compile=args.compile)
+                                     compile=args.compile, sequence_parallel=args.sequence_parallel)
         pipeline = Pipeline.from_weights(weights, device, loras=args.lora, execution=execution)
     except WeightsError as exc:
         logger.error("cannot load weights: %s", exc)
@@ -105,7 +123,7 @@ def run_generate(args: argparse.Namespace) -> int:
     except (ValueError, ImportError) as exc:  # an execution option this machine cannot run
         logger.error("cannot prepare the model: %s", exc)
         return 2
-    bar = tqdm(total=0, unit="step", desc="sampling")
+    bar = tqdm(total=0, unit="step", desc="sampling", disable=rank != 0)
 
     def progress(event) -> None:
         if event.stage != "sampling":
@@ -128,6 +146,11 @@ def run_generate(args: argparse.Namespace) -> int:
         logger.error("cancelled; nothing written")
         return 130
     bar.close()
-    print(f"wrote {result.video} ({result.num_frames} frames, {result.width}x{result.height}, seed {result.seed}, "
-          f"{result.timings['total_s']:.1f} s; {result.settings})")
+    if rank:
+        result.video.unlink()
+    else:
+        print(f"wrote {result.video} ({result.num_frames} frames, {result.width}x{result.height}, seed {result.seed}, "
+              f"{result.timings['total_s']:.1f} s; {result.settings})")
+    if args.sequence_parallel > 1:
+        torch.distributed.destroy_process_group()
     return 0

@@ -1,6 +1,6 @@
 """One rank of the sequence-parallel check (run by tests/test_sequence_parallel.py under torchrun).
 
-Loads the tiny transformer, splits its sequence with `init_sequence_parallel`, runs the batched guidance
+Loads the tiny transformer, splits its sequence (`ExecutionOptions.sequence_parallel`), runs the batched guidance
 passes for the cases of `parallel_cases()`, and rank 0 saves the guided velocities to argv[1].
 """
 
@@ -46,11 +46,13 @@ def tiny_transformer(weights: Path):
 if __name__ == "__main__":
     import torch.distributed as dist
 
-    from model.sequence_parallel import init_sequence_parallel
+    from model.execution import ExecutionOptions, prepare_transformer
+    from model.sequence_parallel import join_process_group
 
-    out, weights, ulysses, ring = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    out, weights, degree = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    device = join_process_group()
     model = tiny_transformer(weights)
-    init_sequence_parallel(model, ulysses=ulysses, ring=ring)
+    prepare_transformer(model, ExecutionOptions(sequence_parallel=degree), device)
     shard_lengths = []  # tokens this rank ran through the blocks, per forward
     model.token_shard.register_forward_hook(lambda module, args, out: shard_lengths.append(out.shape[1]))
     result = velocities(model)

@@ -23,7 +23,7 @@ def test_two_ranks_under_torchrun_match_one_process(tiny_weights, tmp_path):
     out = tmp_path / "velocities.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(ROOT / "tests" / "parallel_forward.py"), str(out), str(tiny_weights["multitalk"]), "2", "1"]
+               str(ROOT / "tests" / "parallel_forward.py"), str(out), str(tiny_weights["multitalk"]), "2"]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
 
@@ -60,3 +60,34 @@ def test_indivisible_token_count_is_refused_naming_the_frame_size():
 
     with pytest.raises(ValueError, match="frame_size: .* divisible by 2, got 45"):
         LocalTokens.of(45, 15, Config())
+
+
+def test_cli_generate_under_torchrun_writes_the_single_process_video(tiny_weights, example_inputs, tmp_path):
+    """`torchrun --nproc-per-node 2 … generate --sequence-parallel 2` without a seed: the ranks agree on one,
+    rank 0 alone writes the video, and it is the video one process makes with that seed."""
+    import re
+
+    common = ["generate", "--weights", str(tiny_weights["multitalk"]), "--image", str(example_inputs["image"]),
+              "--audio", str(example_inputs["audio1"]), "--audio2", str(example_inputs["audio2"]),
+              "--prompt", "two people talking", "--steps", "1", "--frame-size", "64x128", "--num-frames", "41"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    parallel = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "server.cli", *common, "--sequence-parallel", "2", "--out", str(tmp_path / "sp.mp4")],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert parallel.returncode == 0, parallel.stderr[-4000:]
+    seed = re.search(r"seed (\d+)", parallel.stdout).group(1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sp.mp4"]  # rank 1's copy is gone
+
+    single = subprocess.run([sys.executable, "-m", "server.cli", *common, "--seed", seed, "--out", str(tmp_path / "one.mp4")],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-4000:]
+    assert (tmp_path / "sp.mp4").read_bytes() == (tmp_path / "one.mp4").read_bytes()
+
+
+def test_cli_refuses_sequence_parallel_without_torchrun(tiny_weights, example_inputs, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "server.cli", "generate", "--weights", str(tiny_weights["multitalk"]),
+                          "--image", str(example_inputs["image"]), "--audio", str(example_inputs["audio1"]),
+                          "--prompt", "x", "--out", str(tmp_path / "x.mp4"), "--sequence-parallel", "2"],
+                         env={**os.environ, "WORLD_SIZE": "1"}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert "torchrun --nproc-per-node 2" in run.stderr
