@@ -31,3 +31,8 @@ def setup_logging(verbose: bool = False, as_json: bool = False) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("httpx", "httpcore", "urllib3", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # torchao (weight_storage fp8/int8) announces at import which of its optional kernels this torch build cannot
+    # load, torch warns about torchao's enum registration, and diffusers about torchao tensor types it looks for:
+    # nothing an operator can act on.
+    for irrelevant in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(irrelevant).setLevel(logging.ERROR)
