@@ -49,7 +49,7 @@ COPY pyproject.toml README.md ./
 RUN bash scripts/install.sh deps
 COPY model/ model/
 COPY server/ server/
-RUN bash scripts/install.sh project .
+RUN bash scripts/install.sh project ".[quant]"
 
 # An unprivileged user. /data belongs to it, so a new named volume mounted there is writable (Docker
 # copies the folder's owner into it); a host folder bind-mounted there must be writable by uid 1000.

@@ -7,7 +7,7 @@
 #                                         INDEX_URL (the image: https://download.pytorch.org/whl/cu126)
 #   scripts/install.sh deps               the dependencies listed in pyproject.toml, without the project,
 #                                         so that a Docker layer caches them apart from the source
-#   scripts/install.sh project PIP_ARGS   the project itself: -e ".[test]" in CI, "." in the image
+#   scripts/install.sh project PIP_ARGS   the project itself: -e ".[test]" in CI, ".[quant]" in the image
 #
 # torch comes first so that no dependency pulls another torch build; `deps` reads pyproject.toml with
 # tomllib (Python 3.11+, the version CI and the image use).
