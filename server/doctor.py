@@ -35,6 +35,10 @@ MIN_COMPUTE_CAPABILITY = (8, 0)
 # ≈ 28 GB, and activations of an 81-frame clip come on top. The tiny demo weights need none of this.
 TRANSFORMER_BF16_BYTES = 28 * GB
 VRAM_RECOMMENDED_BYTES = 40 * GB
+# With the blocks offloaded (`--offload blocks`) only one block and the parts outside the blocks stay on the
+# GPU; float8/int8 storage halves the weights. Same kind of guidance, not measurements.
+VRAM_OFFLOADED_BYTES = 24 * GB
+HALF_PRECISION_WEIGHT_MODES = ("fp8", "fp8-storage", "int8")
 RAM_RECOMMENDED_BYTES = 64 * GB  # checkpoints stream shard by shard; T5 and CLIP add ≈ 12 GB
 # The data dir holds the job store, uploads, fetched inputs and videos (a few MB each) until retention.
 DATA_DISK_MIN_BYTES = 1 * GB
@@ -147,21 +151,31 @@ def gpu_memory(device: str = "auto") -> tuple[int, int] | None:
     return torch.cuda.mem_get_info(_cuda_index(device))
 
 
-def check_vram(weights: str, memory: tuple[int, int] | None) -> Check:
-    """Free GPU memory against the guidance for the real weights (`memory` from `gpu_memory`)."""
+def check_vram(weights: str, memory: tuple[int, int] | None, weight_storage: str = "bf16",
+               offload: str = "none") -> Check:
+    """Free GPU memory against the guidance for the real weights (`memory` from `gpu_memory`) under the
+    configured memory options."""
     if weights == "tiny":
         shown = f"{_gb(memory[0])} free of {_gb(memory[1])}; " if memory else ""
         return Check("vram", "ok", f"{shown}the tiny demo weights need little memory")
+    if offload == "blocks":
+        resident, recommended = 0, VRAM_OFFLOADED_BYTES
+    else:
+        half = weight_storage in HALF_PRECISION_WEIGHT_MODES
+        resident = TRANSFORMER_BF16_BYTES // 2 if half else TRANSFORMER_BF16_BYTES
+        recommended = VRAM_RECOMMENDED_BYTES - (TRANSFORMER_BF16_BYTES - resident)
     if memory is None:
         return Check("vram", "warn", "no GPU memory to measure",
-                     f"Fix the gpu check: the real model wants a GPU with about {_gb(VRAM_RECOMMENDED_BYTES)} free.")
+                     f"Fix the gpu check: the real model wants a GPU with about {_gb(recommended)} free.")
     free, total = memory
-    detail = f"{_gb(free)} free of {_gb(total)}"
-    fix = (f"Free the GPU (see nvidia-smi for other processes) or use a bigger one: as guidance, 480p in bf16 "
-           f"without offloading wants about {_gb(VRAM_RECOMMENDED_BYTES)}.")
-    if free < TRANSFORMER_BF16_BYTES:
-        return Check("vram", "fail", f"{detail}: less than the transformer's ≈ {_gb(TRANSFORMER_BF16_BYTES)} of bf16 weights", fix)
-    if free < VRAM_RECOMMENDED_BYTES:
+    detail = f"{_gb(free)} free of {_gb(total)} (weight storage {weight_storage}, offload {offload})"
+    fix = (f"Free the GPU (see nvidia-smi for other processes), use a bigger one, or save memory: "
+           f"MULTITALK_WEIGHT_STORAGE=fp8 (Ada/Hopper) or int8 halves the transformer's weights, and "
+           f"MULTITALK_OFFLOAD=blocks streams them from CPU memory (about {_gb(VRAM_OFFLOADED_BYTES)} of GPU "
+           f"memory for 480p); as guidance, this configuration wants about {_gb(recommended)}.")
+    if free < resident:
+        return Check("vram", "fail", f"{detail}: less than the transformer's ≈ {_gb(resident)} of weights", fix)
+    if free < recommended:
         return Check("vram", "warn", f"{detail}: the weights fit, long or 720p clips may not", fix)
     return Check("vram", "ok", detail)
 
@@ -336,7 +350,8 @@ def run_checks(settings: Settings, environ: Mapping[str, str]) -> list[Check]:
         ("settings", lambda: check_settings(environ)),
         ("torch", check_torch),
         ("gpu", lambda: check_gpu(settings.device)),
-        ("vram", lambda: check_vram(settings.weights, gpu_memory(settings.device))),
+        ("vram", lambda: check_vram(settings.weights, gpu_memory(settings.device), settings.weight_storage,
+                                    settings.offload)),
         ("ram", lambda: check_ram(settings.weights, system_memory())),
         ("disk", lambda: check_disk(settings.data_path)),
         ("ffmpeg", check_ffmpeg),

@@ -59,16 +59,21 @@ def test_ram_against_the_guidance(weights, memory, status):
     assert (check.fix is None) == (status == "ok")
 
 
-@pytest.mark.parametrize("weights, memory, status", [
-    ("/weights", (70 * GB, 80 * GB), "ok"),
-    ("/weights", (35 * GB, 80 * GB), "warn"),
-    ("/weights", (10 * GB, 80 * GB), "fail"),
-    ("/weights", None, "warn"),
-    ("tiny", None, "ok"),
-    ("tiny", (1 * GB, 8 * GB), "ok"),
+@pytest.mark.parametrize("weights, memory, options, status", [
+    ("/weights", (70 * GB, 80 * GB), {}, "ok"),
+    ("/weights", (35 * GB, 80 * GB), {}, "warn"),
+    ("/weights", (10 * GB, 80 * GB), {}, "fail"),
+    ("/weights", (22 * GB, 24 * GB), {}, "fail"),
+    ("/weights", (22 * GB, 24 * GB), {"weight_storage": "fp8"}, "warn"),
+    ("/weights", (26 * GB, 32 * GB), {"weight_storage": "fp8"}, "ok"),
+    ("/weights", (23 * GB, 24 * GB), {"offload": "blocks"}, "warn"),
+    ("/weights", (30 * GB, 32 * GB), {"offload": "blocks"}, "ok"),
+    ("/weights", None, {}, "warn"),
+    ("tiny", None, {}, "ok"),
+    ("tiny", (1 * GB, 8 * GB), {}, "ok"),
 ])
-def test_vram_against_the_guidance(weights, memory, status):
-    check = doctor.check_vram(weights, memory)
+def test_vram_against_the_guidance(weights, memory, options, status):
+    check = doctor.check_vram(weights, memory, **options)
     assert check.status == status
     assert check.fix is None if status == "ok" else _is_sentence(check.fix)
 
