@@ -235,7 +235,8 @@ class MultiTalkComponents:
 def load_components(layout: WeightsLayout, device: torch.device | str = "cpu", precision: Precision | None = None,
                     transformer_device: torch.device | str | None = None) -> MultiTalkComponents:
     """Load every model of the pipeline from `layout` onto `device` (the transformer onto `transformer_device`
-    when given: the CPU, for conversions before it moves); wav2vec2 always fp32 on CPU, as the original."""
+    when given: the CPU, for conversions before it moves). wav2vec2 runs in fp32 like the original, but on `device`
+    rather than the original's CPU: the same arithmetic, without a CPU pass over every request's audio."""
     precision = precision or Precision.for_device(device)
     if layout.kind == "multitalk":
         t5 = load_umt5_from_original(layout.text_encoder, precision.text_encoder, device)
@@ -250,7 +251,7 @@ def load_components(layout: WeightsLayout, device: torch.device | str = "cpu", p
         text_encoder=WanTextEncoder.from_tokenizer_dir(t5, layout.tokenizer),
         image_encoder=clip,
         vae=WanVAE(vae),
-        audio_encoder=Wav2Vec2AudioEncoder.from_pretrained(layout.audio_encoder),
+        audio_encoder=Wav2Vec2AudioEncoder.from_pretrained(layout.audio_encoder, device=str(device)),
     )
 
 
