@@ -73,7 +73,9 @@ def prepare_transformer(transformer, options: ExecutionOptions, device) -> str:
     if parallel:
         enable_sequence_parallel(transformer, options.sequence_parallel)
     if options.compile:
-        transformer.compile_repeated_blocks(fullgraph=True)
+        # Not fullgraph: a kernel without a compile-friendly op (some attention backends) then costs a graph
+        # break instead of failing the start-up.
+        transformer.compile_repeated_blocks()
     logger.info("transformer prepared device=%s attention=%s weights=%s offload=%s compile=%s reference_schedule=%s "
                 "sequence_parallel=%d", device, backend, options.weights, options.offload, options.compile,
                 options.reference_schedule, options.sequence_parallel)
