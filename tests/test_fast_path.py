@@ -112,3 +112,17 @@ def test_bf16_transformer_is_close_to_fp32(tiny_weights, tiny_pipeline):
                   for model in (bf16, fp32)]
     assert velocities[0].dtype == torch.float32
     torch.testing.assert_close(velocities[0], velocities[1], rtol=0.05, atol=0.05 * velocities[1].abs().max().item())
+
+
+def test_auto_attention_order_on_cuda_prefers_exact_fast_kernels(monkeypatch):
+    """With every kernel installed: FlashAttention 3 first; under sequence parallelism the first one diffusers can
+    run across ranks (cuDNN); with nothing but PyTorch: its SDPA."""
+    import model.attention_backends as backends
+
+    monkeypatch.setattr(backends, "backend_problem", lambda name, device: None)
+    assert choose_attention_backend("cuda") == "_flash_3"
+    assert choose_attention_backend("cuda", context_parallel=True) == "_native_cudnn"
+    monkeypatch.setattr(backends, "backend_problem", lambda name, device: None if name == "native" else "missing")
+    assert choose_attention_backend("cuda") == "native"
+    with pytest.raises(ValueError, match="attention: missing"):
+        choose_attention_backend("cuda", "sage")
