@@ -7,7 +7,7 @@ the CPU (nor in fp32). The sizes are those of the published files (spec §1), gi
 that the loaders' own config derivations read (`umt5_config_from_shapes`,
 `clip_vision_config_from_original`), so a random model has exactly the structure the real files load
 into; the transformer's config is `configs.MULTITALK_14B`. Dtypes and devices follow `load_components`:
-`Precision.for_device`, fp32 for the transformer's `_keep_in_fp32_modules`, wav2vec2 fp32 on the CPU.
+`Precision.for_device`, fp32 for the transformer's `_keep_in_fp32_modules`, wav2vec2 in fp32.
 """
 
 from __future__ import annotations
@@ -136,11 +136,11 @@ def random_vae(device: torch.device | str, dtype: torch.dtype, seed: int = 3) ->
     return WanVAE(vae.eval())
 
 
-def random_audio_encoder(seed: int = 4) -> Wav2Vec2AudioEncoder:
-    """wav2vec2-base with random weights, fp32 on the CPU (where the pipeline runs it, as the original)."""
+def random_audio_encoder(device: torch.device | str, seed: int = 4) -> Wav2Vec2AudioEncoder:
+    """wav2vec2-base with random weights, fp32 (as the original) on the pipeline's device."""
     with init_empty_weights():
         model = Wav2Vec2Model(Wav2Vec2Config(**WAV2VEC2_BASE))
-    materialize_random_(model, "cpu", torch.float32, seed=seed)
+    materialize_random_(model, device, torch.float32, seed=seed)
     return Wav2Vec2AudioEncoder(model, default_feature_extractor())
 
 
@@ -157,7 +157,7 @@ def random_encoders(device: torch.device | str, precision: Precision | None = No
         "text_encoder": random_text_encoder(device, precision.text_encoder, seed + 1),
         "image_encoder": random_image_encoder(device, precision.image_encoder, seed + 2),
         "vae": random_vae(device, precision.vae, seed + 3),
-        "audio_encoder": random_audio_encoder(seed + 4),
+        "audio_encoder": random_audio_encoder(device, seed + 4),
     }
 
 
@@ -169,5 +169,5 @@ def components_from_tiny(parts: Mapping[str, nn.Module], device: torch.device | 
         text_encoder=WanTextEncoder(parts["t5"].to(device), tiny_tokenizer()),
         image_encoder=WanImageEncoder(clip, feature_layer=clip.config.num_hidden_layers - 1),
         vae=WanVAE(parts["vae"].to(device)),
-        audio_encoder=Wav2Vec2AudioEncoder(parts["wav2vec2"], default_feature_extractor()),
+        audio_encoder=Wav2Vec2AudioEncoder(parts["wav2vec2"].to(device), default_feature_extractor()),
     )

@@ -69,7 +69,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from model.acceleration import recipe_for  # noqa: E402
-from model.execution import ExecutionOptions  # noqa: E402
+from model.execution import ExecutionOptions, prepare_transformer  # noqa: E402
 from model.flops import denoising_step_flops, guidance_pass_speakers, latent_grid  # noqa: E402
 from model.guidance import GuidanceConfig, GuidanceInputs  # noqa: E402
 from model.lora import load_lora, loaded_loras, use_lora  # noqa: E402
@@ -204,19 +204,6 @@ def build_transformer(args, device: torch.device):
 
         _tiny_pristine = build_tiny_components(args.seed)["dit"]
     return copy.deepcopy(_tiny_pristine).to(device)
-
-
-def prepare(transformer, options: ExecutionOptions, device: torch.device) -> str:
-    """Apply `options` with the project's own `prepare_transformer` (the attention-only fallback while it is absent)."""
-    try:
-        from model.execution import prepare_transformer
-    except ImportError as error:
-        if options.weights != "bf16" or options.offload != "none" or options.compile:
-            raise RuntimeError(f"model.execution.prepare_transformer is not importable ({error})") from error
-        if options.attention != "auto":
-            transformer.set_attention_backend(options.attention)
-        return options.attention
-    return prepare_transformer(transformer, options, device)
 
 
 def clip_inputs(transformer, grid: tuple[int, int, int], num_frames: int, speakers: int,
@@ -401,7 +388,7 @@ def run_options(args, device: torch.device, result: dict, save: Callable[[], Non
             started = time.perf_counter()
             transformer = build_transformer(args, torch.device("cpu") if options.loads_on_cpu_first else device)
             try:
-                row["attention_backend"] = prepare(transformer, options, device)
+                row["attention_backend"] = prepare_transformer(transformer, options, device)
             except Exception as error:  # a mode this machine or installation cannot run
                 row.update(status="unavailable", note=f"{type(error).__name__}: {error}")
                 continue
@@ -701,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             transformer = build_transformer(args, device)
             result["settings"]["transformer_parameters"] = sum(p.numel() for p in transformer.parameters())
-            result["settings"]["attention_backend"] = prepare(transformer, ExecutionOptions(), device)
+            result["settings"]["attention_backend"] = prepare_transformer(transformer, ExecutionOptions(), device)
             result["settings"]["build_s"] = time.perf_counter() - started
             log(f"built in {result['settings']['build_s']:.1f} s; attention {result['settings']['attention_backend']}")
             if "loop" in args.parts:
