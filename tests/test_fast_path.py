@@ -98,20 +98,22 @@ def test_compiled_blocks_give_the_same_velocity(tiny_weights, tiny_pipeline):
 
 
 def test_bf16_transformer_is_close_to_fp32(tiny_weights, tiny_pipeline):
-    """The GPU default precision: same velocities as fp32 up to bf16 rounding (≈3 significant digits)."""
+    """The GPU default precision: the raw predictions of the three guidance passes equal fp32's up to bf16
+    rounding (≈ 0.6 % relative L2 error on the tiny weights, over several seeds; bounds with 3× margin)."""
+    from model_inputs import random_guidance_inputs
+
     bf16 = load_transformer(find_layout(tiny_weights["multitalk"]), torch.bfloat16)
     fp32 = tiny_pipeline.components.transformer
-    conditioning = _conditioning(fp32, 2)
-    from model.guidance import GuidanceCombiner, GuidanceInputs, guided_velocity
-
-    inputs = GuidanceInputs(conditioning.context, conditioning.negative_context, torch.randn(1, 257, fp32.config.image_dim),
-                            torch.randn(2, 9, fp32.config.audio_window, fp32.config.audio_layers, fp32.config.audio_dim),
-                            conditioning.ref_target_masks)
-    latent, t = torch.randn(1, 36, 3, 8, 16), torch.tensor([500.0])
-    velocities = [guided_velocity(model, latent, t, inputs.transformer_kwargs(5.0, model.dtype), GuidanceCombiner(GuidanceConfig()))
-                  for model in (bf16, fp32)]
-    assert velocities[0].dtype == torch.float32
-    torch.testing.assert_close(velocities[0], velocities[1], rtol=0.05, atol=0.05 * velocities[1].abs().max().item())
+    generator = torch.Generator().manual_seed(0)
+    inputs = random_guidance_inputs(fp32.config, (3, 8, 16), 2, generator)
+    latent = torch.randn(1, 36, 3, 8, 16, generator=generator).expand(3, -1, -1, -1, -1)
+    timestep = torch.tensor([500.0]).expand(3)
+    with torch.no_grad():
+        low, full = (model(latent.to(model.dtype), timestep, **inputs.transformer_kwargs(5.0, model.dtype)).sample
+                     for model in (bf16, fp32))
+    assert low.dtype == torch.float32  # the head's output is returned in fp32
+    assert (low - full).norm() / full.norm() < 0.02
+    assert (low - full).abs().max() < 0.05 * full.abs().max()
 
 
 def test_auto_attention_order_on_cuda_prefers_exact_fast_kernels(monkeypatch):
