@@ -30,14 +30,15 @@ GB = 1000**3
 MIN_PYTHON = (3, 10)  # pyproject.toml's requires-python
 # The pipeline runs the transformer and T5 in bf16 on CUDA, which GPUs before Ampere only emulate.
 MIN_COMPUTE_CAPABILITY = (8, 0)
-# Guidance for the real 14B checkpoints at 480p in bf16 with everything on the GPU (no offloading),
-# from the README's troubleshooting figures, not measurements: the transformer's weights alone are
-# ≈ 28 GB, and activations of an 81-frame clip come on top. The tiny demo weights need none of this.
-TRANSFORMER_BF16_BYTES = 28 * GB
-VRAM_RECOMMENDED_BYTES = 40 * GB
-# With the blocks offloaded (`--offload blocks`) only one block and the parts outside the blocks stay on the
-# GPU; float8/int8 storage halves the weights. Same kind of guidance, not measurements.
-VRAM_OFFLOADED_BYTES = 24 * GB
+# Guidance for the real checkpoints at 480p, counted from parameter counts, not measured: everything stays
+# resident on the GPU. The transformer has 18.9B parameters (Wan2.1-I2V's 16.4B + the 2.5B audio adapter):
+# ≈ 38 GB in bf16, half with fp8/int8 storage, ≈ 1 GB outside the blocks when they are offloaded. umT5-XXL
+# (bf16), CLIP ViT-H (fp16), the VAE and wav2vec2 add ≈ 13 GB; an 81-frame clip's activations, an estimated
+# ≈ 8 GB more. The tiny demo weights need none of this.
+TRANSFORMER_BF16_BYTES = 38 * GB
+TRANSFORMER_OUTSIDE_BLOCKS_BYTES = 1 * GB
+ENCODERS_BYTES = 13 * GB
+ACTIVATIONS_480P_BYTES = 8 * GB
 HALF_PRECISION_WEIGHT_MODES = ("fp8", "fp8-storage", "int8")
 RAM_RECOMMENDED_BYTES = 64 * GB  # checkpoints stream shard by shard; T5 and CLIP add ≈ 12 GB
 # The data dir holds the job store, uploads, fetched inputs and videos (a few MB each) until retention.
@@ -159,11 +160,11 @@ def check_vram(weights: str, memory: tuple[int, int] | None, weight_storage: str
         shown = f"{_gb(memory[0])} free of {_gb(memory[1])}; " if memory else ""
         return Check("vram", "ok", f"{shown}the tiny demo weights need little memory")
     if offload == "blocks":
-        resident, recommended = 0, VRAM_OFFLOADED_BYTES
+        transformer = TRANSFORMER_OUTSIDE_BLOCKS_BYTES
     else:
-        half = weight_storage in HALF_PRECISION_WEIGHT_MODES
-        resident = TRANSFORMER_BF16_BYTES // 2 if half else TRANSFORMER_BF16_BYTES
-        recommended = VRAM_RECOMMENDED_BYTES - (TRANSFORMER_BF16_BYTES - resident)
+        transformer = TRANSFORMER_BF16_BYTES // (2 if weight_storage in HALF_PRECISION_WEIGHT_MODES else 1)
+    resident = transformer + ENCODERS_BYTES
+    recommended = resident + ACTIVATIONS_480P_BYTES
     if memory is None:
         return Check("vram", "warn", "no GPU memory to measure",
                      f"Fix the gpu check: the real model wants a GPU with about {_gb(recommended)} free.")
@@ -171,10 +172,10 @@ def check_vram(weights: str, memory: tuple[int, int] | None, weight_storage: str
     detail = f"{_gb(free)} free of {_gb(total)} (weight storage {weight_storage}, offload {offload})"
     fix = (f"Free the GPU (see nvidia-smi for other processes), use a bigger one, or save memory: "
            f"MULTITALK_WEIGHT_STORAGE=fp8 (Ada/Hopper) or int8 halves the transformer's weights, and "
-           f"MULTITALK_OFFLOAD=blocks streams them from CPU memory (about {_gb(VRAM_OFFLOADED_BYTES)} of GPU "
-           f"memory for 480p); as guidance, this configuration wants about {_gb(recommended)}.")
+           f"MULTITALK_OFFLOAD=blocks streams them from CPU memory; as guidance, this configuration wants about "
+           f"{_gb(recommended)}.")
     if free < resident:
-        return Check("vram", "fail", f"{detail}: less than the transformer's ≈ {_gb(resident)} of weights", fix)
+        return Check("vram", "fail", f"{detail}: less than the ≈ {_gb(resident)} of weights kept on the GPU", fix)
     if free < recommended:
         return Check("vram", "warn", f"{detail}: the weights fit, long or 720p clips may not", fix)
     return Check("vram", "ok", detail)
