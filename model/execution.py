@@ -24,7 +24,7 @@ class ExecutionOptions:
         and activations with scaled matmuls, Hopper or newer), `fp8-storage` (float8 storage upcast per layer,
         any GPU), `int8` (int8 weight-only).
     offload: `blocks` keeps the DiT's blocks in CPU memory and streams them to the GPU one group at a time,
-        overlapped with compute (480p on a 24 GB GPU).
+        overlapped with compute, and keeps the text encoder in CPU memory between requests (480p on a 24 GB GPU).
     compile: compile each transformer block with torch.compile (regional), warmed up at load.
     reference_schedule: run as the original schedules the work: guidance passes one at a time at batch 1 and
         the reference map in every pass with an explicit softmax. Same numbers, slower: benchmarks, parity.

@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -135,15 +136,35 @@ def _recipe(request: GenerationRequest, loras: Sequence[str]) -> SamplingRecipe:
                    **given(steps=request.steps, shift=request.shift, teacache_threshold=request.teacache_threshold))
 
 
+@contextmanager
+def visiting(module: torch.nn.Module, device: torch.device, offloaded: bool) -> Iterator[None]:
+    """`module` on `device` inside the block; an offloaded module goes back to the CPU afterwards."""
+    if not offloaded:
+        yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to("cpu")
+
+
 class Pipeline:
     """All MultiTalk models, loaded once; `generate` may be called many times (one call at a time)."""
 
     def __init__(self, components: MultiTalkComponents, device: torch.device | str = "cpu",
                  execution: ExecutionOptions = ExecutionOptions()):
-        """`components.transformer` must already be prepared with `execution` (see `prepare_transformer`)."""
+        """`components.transformer` must already be prepared with `execution` (see `prepare_transformer`).
+
+        With `execution.offload == "blocks"` (small GPUs) the text encoder, umT5-XXL's ≈ 11 GB, lives in CPU
+        memory too and visits the device once per request for the prompts.
+        """
         self.components = components
         self.device = torch.device(device)
         self.execution = execution
+        self.offload_text_encoder = execution.offload == "blocks"
+        if self.offload_text_encoder:
+            components.text_encoder.model.to("cpu")
 
     @classmethod
     def from_weights(cls, root: Path, device: torch.device | str = "cpu", precision: Precision | None = None,
@@ -217,7 +238,8 @@ class Pipeline:
         c = self.components
         embeddings = [c.audio_encoder.encode(track).embedding for track in tracks.per_speaker]
         negative = request.negative_prompt or DEFAULT_NEGATIVE_PROMPT
-        context, negative_context = (t.float() for t in c.text_encoder.encode([request.prompt, negative]))
+        with visiting(c.text_encoder.model, self.device, self.offload_text_encoder):
+            context, negative_context = (t.float() for t in c.text_encoder.encode([request.prompt, negative]))
         conditioning = VideoConditioning(reference, embeddings, context, negative_context, masks)
         timings["encode_s"] = time.perf_counter() - mark
 

@@ -33,11 +33,12 @@ MIN_COMPUTE_CAPABILITY = (8, 0)
 # Guidance for the real checkpoints at 480p, counted from parameter counts, not measured: everything stays
 # resident on the GPU. The transformer has 18.9B parameters (Wan2.1-I2V's 16.4B + the 2.5B audio adapter):
 # ≈ 38 GB in bf16, half with fp8/int8 storage, ≈ 1 GB outside the blocks when they are offloaded. umT5-XXL
-# (bf16), CLIP ViT-H (fp16), the VAE and wav2vec2 add ≈ 13 GB; an 81-frame clip's activations, an estimated
-# ≈ 8 GB more. The tiny demo weights need none of this.
+# (bf16, ≈ 11 GB, kept in CPU memory when offloading), CLIP ViT-H (fp16), the VAE and wav2vec2 add ≈ 13 GB;
+# an 81-frame clip's activations, an estimated ≈ 8 GB more. The tiny demo weights need none of this.
 TRANSFORMER_BF16_BYTES = 38 * GB
 TRANSFORMER_OUTSIDE_BLOCKS_BYTES = 1 * GB
 ENCODERS_BYTES = 13 * GB
+TEXT_ENCODER_BYTES = 11 * GB
 ACTIVATIONS_480P_BYTES = 8 * GB
 HALF_PRECISION_WEIGHT_MODES = ("fp8", "fp8-storage", "int8")
 RAM_RECOMMENDED_BYTES = 64 * GB  # checkpoints stream shard by shard; T5 and CLIP add ≈ 12 GB
@@ -159,11 +160,11 @@ def check_vram(weights: str, memory: tuple[int, int] | None, weight_storage: str
     if weights == "tiny":
         shown = f"{_gb(memory[0])} free of {_gb(memory[1])}; " if memory else ""
         return Check("vram", "ok", f"{shown}the tiny demo weights need little memory")
-    if offload == "blocks":
-        transformer = TRANSFORMER_OUTSIDE_BLOCKS_BYTES
+    if offload == "blocks":  # the blocks and the text encoder stay in CPU memory
+        resident = TRANSFORMER_OUTSIDE_BLOCKS_BYTES + ENCODERS_BYTES - TEXT_ENCODER_BYTES
     else:
         transformer = TRANSFORMER_BF16_BYTES // (2 if weight_storage in HALF_PRECISION_WEIGHT_MODES else 1)
-    resident = transformer + ENCODERS_BYTES
+        resident = transformer + ENCODERS_BYTES
     recommended = resident + ACTIVATIONS_480P_BYTES
     if memory is None:
         return Check("vram", "warn", "no GPU memory to measure",

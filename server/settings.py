@@ -122,8 +122,8 @@ OPTIONS: tuple[Option, ...] = (
            "(float8 storage computed in bf16, any GPU), `int8` (weight-only).", "--weight-storage",
            ("serve", "worker")),
     Option("offload", _choice(OFFLOAD_MODES), "`blocks`: keep the transformer blocks in CPU memory and "
-           "stream them to the GPU overlapped with compute (480p on 24 GB GPUs; needs ~40 GB RAM); `none`: "
-           "all on the GPU.", "--offload", ("serve", "worker")),
+           "stream them to the GPU overlapped with compute, and the text encoder in CPU memory between requests "
+           "(480p on 24 GB GPUs; needs ~64 GB RAM); `none`: all on the GPU.", "--offload", ("serve", "worker")),
     Option("compile", _flag_bool, "Compile the transformer blocks with torch.compile and warm up at start "
            "(minutes at start, faster steps).", "--compile", ("serve", "worker")),
     Option("log_json", _flag_bool, "Log one JSON object per line instead of text.", "--log-json"),

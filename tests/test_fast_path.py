@@ -128,3 +128,27 @@ def test_auto_attention_order_on_cuda_prefers_exact_fast_kernels(monkeypatch):
     assert choose_attention_backend("cuda") == "native"
     with pytest.raises(ValueError, match="attention: missing"):
         choose_attention_backend("cuda", "sage")
+
+
+def test_offloaded_pipeline_keeps_the_text_encoder_in_cpu_memory_and_makes_the_same_video(
+        tiny_weights, tiny_pipeline, example_inputs, tmp_path):
+    from model.pipeline import GenerationRequest, Pipeline, visiting
+
+    offloaded = Pipeline.from_weights(tiny_weights["multitalk"], execution=ExecutionOptions(offload="blocks"))
+    assert offloaded.offload_text_encoder and not tiny_pipeline.offload_text_encoder
+    request = dict(image=example_inputs["image"], audio=[example_inputs["audio1"], example_inputs["audio2"]],
+                   prompt="two people talking", num_frames=41, steps=1, frame_size=FRAME_SIZE, seed=4)
+    videos = [pipeline.generate(GenerationRequest(output=tmp_path / f"{name}.mp4", **request)).video
+              for name, pipeline in (("offloaded", offloaded), ("resident", tiny_pipeline))]
+    assert videos[0].read_bytes() == videos[1].read_bytes()
+    assert next(offloaded.components.text_encoder.model.parameters()).device.type == "cpu"
+
+    moves = []
+    module = torch.nn.Linear(2, 2)
+    module.to = lambda device: moves.append(str(device)) or module  # records where visiting sends it
+    with visiting(module, torch.device("cuda"), offloaded=True):
+        assert moves == ["cuda"]
+    assert moves == ["cuda", "cpu"]
+    with visiting(module, torch.device("cuda"), offloaded=False):
+        pass
+    assert moves == ["cuda", "cpu"]
