@@ -52,6 +52,11 @@ class ExecutionOptions:
         """Quantised or offloaded transformers are converted on the CPU, so the GPU never holds full bf16 weights."""
         return self.weights != "bf16" or self.offload != "none"
 
+    @property
+    def text_encoder_on_cpu(self) -> bool:
+        """Small-GPU mode keeps umT5-XXL (≈ 11 GB) in CPU memory; it visits the GPU once per request."""
+        return self.offload == "blocks"
+
 
 def prepare_transformer(transformer, options: ExecutionOptions, device) -> str:
     """Apply `options` to a loaded transformer (on the CPU when `options.loads_on_cpu_first`, else on `device`).

@@ -18,7 +18,6 @@ P = speakers in the pass, K = audio tokens per speaker and latent frame (32), L_
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 from .configs import TEXT_LEN
@@ -138,20 +137,9 @@ def transformer_forward_flops_by_part(
     return parts
 
 
-def transformer_forward_flops(
-    config: Mapping[str, Any],
-    frames_latent: int,
-    height_latent: int,
-    width_latent: int,
-    speakers: int,
-    text_len: int = TEXT_LEN,
-    image_tokens: int = IMAGE_TOKENS,
-    **options: Any,
-) -> int:
-    """Total FLOPs of one transformer forward; `options` and the parts: `transformer_forward_flops_by_part`."""
-    parts = transformer_forward_flops_by_part(config, frames_latent, height_latent, width_latent, speakers, text_len,
-                                              image_tokens, **options)
-    return sum(parts.values())
+def transformer_forward_flops(config: Mapping[str, Any], *shape_and_speakers: int, **options: Any) -> int:
+    """Total FLOPs of one transformer forward: the sum of `transformer_forward_flops_by_part` (same arguments)."""
+    return sum(transformer_forward_flops_by_part(config, *shape_and_speakers, **options).values())
 
 
 def guidance_pass_speakers(speakers: int, text_guidance: bool) -> list[int]:
@@ -181,32 +169,14 @@ def denoising_step_flops(
     frames, height, width = grid
     streams = max(speakers_per_pass) if batched else None
     return sum(
-        transformer_forward_flops(config, frames, height, width, p, text_len, image_tokens,
+        transformer_forward_flops(config, frames, height, width, p, text_len=text_len, image_tokens=image_tokens,
                                   reference_map=True if reference_map_in_every_pass else None, lora_rank=lora_rank,
                                   reference_value_width=reference_value_width, audio_streams=streams)
         for p in speakers_per_pass
     )
 
 
-def linear_parameters_per_video_token(config: Mapping[str, Any]) -> int:
-    """Weights of the block linears that every video token goes through (for the 2·params·tokens estimate).
-
-    Per block: self-attention q/k/v/o (4d²), cross-attention q/o (2d²), audio q/o (2d²), FFN (2df).
-    """
-    d = config["num_attention_heads"] * config["attention_head_dim"]
-    return config["num_layers"] * (8 * d * d + 2 * d * config["ffn_dim"])
-
-
 def latent_grid(frame_size: tuple[int, int], num_frames: int, vae_scale: int = 4, spatial_scale: int = 8) -> tuple[int, int, int]:
     """Latent (T, h, w) of `num_frames` video frames of (H, W) pixels: T = 1 + (F − 1)/4, h = H/8, w = W/8."""
     height, width = frame_size
     return 1 + (num_frames - 1) // vae_scale, height // spatial_scale, width // spatial_scale
-
-
-def format_flops(value: float) -> str:
-    """1.234e15 → '1.23 PFLOP'."""
-    if value <= 0:
-        return "0 FLOP"
-    units = ["", "k", "M", "G", "T", "P", "E"]
-    index = min(int(math.log10(value) // 3), len(units) - 1)
-    return f"{value / 10 ** (3 * index):.3g} {units[index]}FLOP"

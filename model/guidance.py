@@ -59,6 +59,30 @@ class GuidanceInputs:
         }
 
 
+def random_guidance_inputs(config, grid: tuple[int, int, int], speakers: int,
+                           generator: torch.Generator | None = None, device: torch.device | str | None = None
+                           ) -> GuidanceInputs:
+    """Conditioning of the right shapes with random values for a latent grid (T, h, w): the compile warm-up,
+    benchmarks and tests. Person 1 is the left half, person 2 the right; the draws come from `generator`
+    (on its device) or the global generator on `device`. `config`: the transformer's."""
+    frames, height, width = grid
+    device = generator.device if generator is not None else device
+
+    def random(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, device=device)
+
+    masks = torch.zeros(3, height, width, device=device)
+    masks[0, :, : width // 2], masks[1, :, width // 2 :] = 1, 1
+    video_frames = config.vae_scale * (frames - 1) + 1
+    return GuidanceInputs(
+        context=random(7, config.text_dim),
+        negative_context=random(5, config.text_dim),
+        image_features=random(1, 257, config.image_dim),
+        audio=random(speakers, video_frames, config.audio_window, config.audio_layers, config.audio_dim),
+        ref_target_masks=masks,
+    )
+
+
 def combine_guidance(predictions: torch.Tensor, text_scale: float, audio_scale: float) -> torch.Tensor:
     """Vanilla CFG: [passes, ...] predictions in `pass_names` order → the guided velocity [...]."""
     if uses_text_guidance(text_scale):

@@ -13,7 +13,6 @@ sampling (`video_generation`) with the frames streamed into one H.264 + AAC enco
 from __future__ import annotations
 
 import logging
-import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -26,12 +25,12 @@ from .acceleration import SamplingRecipe, recipe_for
 from .audio_input import SAMPLES_PER_FRAME, combine_speakers, fit_length, load_speech
 from .errors import GenerationCancelled, InputError
 from .execution import ExecutionOptions, prepare_transformer
-from .guidance import GuidanceCombiner, GuidanceConfig, GuidanceInputs, guided_velocity
+from .guidance import GuidanceCombiner, GuidanceConfig, guided_velocity, random_guidance_inputs
 from .image_input import choose_bucket, load_image, pixels_to_tensor, resize_and_center_crop
 from .long_video import ClipPlan, plan_clips
 from .lora import load_lora, loaded_loras, use_lora
 from .person_masks import Box, detect_speaker_boxes, person_masks, validate_boxes
-from .request_options import ACCELERATIONS, AUDIO_MODES, MAX_SEED, NUM_FRAMES_RANGE, RESOLUTIONS
+from .request_options import ACCELERATIONS, AUDIO_MODES, MAX_SEED, NUM_FRAMES_RANGE, RESOLUTIONS, seed_or_random
 from .schedule import sampling_timesteps
 from .teacache import TeaCacheConfig
 from .video_generation import LATENT_CHANNELS, SamplingSettings, VideoConditioning, generate_video_clips
@@ -156,14 +155,13 @@ class Pipeline:
                  execution: ExecutionOptions = ExecutionOptions()):
         """`components.transformer` must already be prepared with `execution` (see `prepare_transformer`).
 
-        With `execution.offload == "blocks"` (small GPUs) the text encoder, umT5-XXL's ≈ 11 GB, lives in CPU
-        memory too and visits the device once per request for the prompts.
+        With `execution.text_encoder_on_cpu` the text encoder lives in CPU memory and visits the device once per
+        request for the prompts.
         """
         self.components = components
         self.device = torch.device(device)
         self.execution = execution
-        self.offload_text_encoder = execution.offload == "blocks"
-        if self.offload_text_encoder:
+        if execution.text_encoder_on_cpu:
             components.text_encoder.model.to("cpu")
 
     @classmethod
@@ -173,8 +171,10 @@ class Pipeline:
         then prepare the transformer for `execution` (kernels, weight storage, offload, compilation)."""
         started = time.perf_counter()
         layout = find_layout(Path(root))
-        transformer_device = "cpu" if execution.loads_on_cpu_first else device
-        pipeline = cls(load_components(layout, device, precision, transformer_device), device, execution)
+        on_cpu = {"transformer"} if execution.loads_on_cpu_first else set()
+        if execution.text_encoder_on_cpu:
+            on_cpu.add("text_encoder")
+        pipeline = cls(load_components(layout, device, precision, on_cpu), device, execution)
         lora_dir = Path(root) / "loras"
         files = sorted(lora_dir.glob("*.safetensors")) if lora_dir.is_dir() else []
         for path in [*files, *map(Path, loras)]:
@@ -189,25 +189,17 @@ class Pipeline:
         inputs, so that torch.compile compiles, and the kernels autotune, at start-up instead of in the first
         request. Returns the seconds it took."""
         started = time.perf_counter()
-        config = self.components.transformer.config
-        height, width = frame_size[0] // 8, frame_size[1] // 8
-        latent_frames = (frames - 1) // config.vae_scale + 1
-
-        def random(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, device=self.device)
-
-        inputs = GuidanceInputs(
-            context=random(16, config.text_dim), negative_context=random(16, config.text_dim),
-            image_features=random(1, 257, config.image_dim),
-            audio=random(2, frames, config.audio_window, config.audio_layers, config.audio_dim),
-            ref_target_masks=torch.ones(3, height, width, device=self.device),
-        )
-        latent = random(1, 4 + 2 * LATENT_CHANNELS, latent_frames, height, width)
+        transformer = self.components.transformer
+        config = transformer.config
+        grid = ((frames - 1) // config.vae_scale + 1, frame_size[0] // 8, frame_size[1] // 8)
+        generator = torch.Generator(self.device).manual_seed(0)
+        inputs = random_guidance_inputs(config, grid, 2, generator)
+        latent = torch.randn(1, 4 + 2 * LATENT_CHANNELS, *grid, generator=generator, device=self.device)
         timestep = torch.full((1,), 999.0, device=self.device)
         for text_scale in (5.0, 1.0):
             guidance = GuidanceConfig(text_scale=text_scale)
-            batch_kwargs = inputs.transformer_kwargs(text_scale, self.components.transformer.dtype)
-            guided_velocity(self.components.transformer, latent, timestep, batch_kwargs, GuidanceCombiner(guidance),
+            batch_kwargs = inputs.transformer_kwargs(text_scale, transformer.dtype)
+            guided_velocity(transformer, latent, timestep, batch_kwargs, GuidanceCombiner(guidance),
                             batched=not self.execution.reference_schedule)
         seconds = time.perf_counter() - started
         logger.info("warm-up done frame_size=%dx%d seconds=%.1f", *frame_size, seconds)
@@ -224,7 +216,7 @@ class Pipeline:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         _check_options(request)
-        seed = request.seed if request.seed is not None else random.randint(0, 99_999_999)
+        seed = seed_or_random(request.seed)
         recipe = _recipe(request, self.loras)
         clips = plan_clips(request.num_frames)
 
@@ -238,7 +230,7 @@ class Pipeline:
         c = self.components
         embeddings = [c.audio_encoder.encode(track).embedding for track in tracks.per_speaker]
         negative = request.negative_prompt or DEFAULT_NEGATIVE_PROMPT
-        with visiting(c.text_encoder.model, self.device, self.offload_text_encoder):
+        with visiting(c.text_encoder.model, self.device, self.execution.text_encoder_on_cpu):
             context, negative_context = (t.float() for t in c.text_encoder.encode([request.prompt, negative]))
         conditioning = VideoConditioning(reference, embeddings, context, negative_context, masks)
         timings["encode_s"] = time.perf_counter() - mark

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.distributed as dist
+
+from .request_options import seed_or_random
 
 
 @dataclass(frozen=True)
@@ -63,18 +63,21 @@ class LocalTokens:
         """The latent frames this rank's tokens touch."""
         return slice(self.start // self.tokens_per_frame, (self.stop - 1) // self.tokens_per_frame + 1)
 
+    @property
+    def leading(self) -> int:
+        """Tokens of the first touched frame that come before this rank's slice (held by the previous rank)."""
+        return self.start - self.frames.start * self.tokens_per_frame
+
     def pad_to_frames(self, x: torch.Tensor) -> torch.Tensor:
         """[b, stop − start, ...] → [b, frames·L, ...], zeros before and after this rank's tokens."""
-        before = self.start - self.frames.start * self.tokens_per_frame
-        after = self.frames.stop * self.tokens_per_frame - self.stop
-        if before == 0 and after == 0:
+        trailing = self.frames.stop * self.tokens_per_frame - self.stop
+        if self.leading == 0 and trailing == 0:
             return x
-        return torch.nn.functional.pad(x, [0, 0] * (x.ndim - 2) + [before, after])
+        return torch.nn.functional.pad(x, [0, 0] * (x.ndim - 2) + [self.leading, trailing])
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """The inverse of `pad_to_frames`."""
-        before = self.start - self.frames.start * self.tokens_per_frame
-        return x[:, before : before + self.stop - self.start]
+        return x[:, self.leading : self.leading + self.stop - self.start]
 
     def _group(self):
         return self.parallel_config.context_parallel_config._flattened_mesh.get_group()
@@ -115,9 +118,9 @@ def join_process_group() -> torch.device:
     return device
 
 
-def agreed_seed(seed: int | None, draw: Callable[[], int]) -> int:
-    """Every rank must sample the same noise: rank 0's seed (`draw()` when None) is broadcast to all."""
-    value = [seed if seed is not None else draw()]
+def agreed_seed(seed: int | None) -> int:
+    """Every rank must sample the same noise: rank 0's seed (a random one when None) is broadcast to all."""
+    value = [seed_or_random(seed)]
     dist.broadcast_object_list(value, src=0)
     return value[0]
 

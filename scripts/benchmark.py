@@ -71,7 +71,7 @@ import torch  # noqa: E402
 from model.acceleration import recipe_for  # noqa: E402
 from model.execution import ExecutionOptions, prepare_transformer  # noqa: E402
 from model.flops import denoising_step_flops, guidance_pass_speakers, latent_grid  # noqa: E402
-from model.guidance import GuidanceConfig, GuidanceInputs  # noqa: E402
+from model.guidance import GuidanceConfig, random_guidance_inputs  # noqa: E402
 from model.lora import load_lora, loaded_loras, use_lora  # noqa: E402
 from model.sampler import ClipInputs, sample_clip  # noqa: E402
 from model.schedule import sampling_timesteps  # noqa: E402
@@ -206,26 +206,13 @@ def build_transformer(args, device: torch.device):
     return copy.deepcopy(_tiny_pristine).to(device)
 
 
-def clip_inputs(transformer, grid: tuple[int, int, int], num_frames: int, speakers: int,
-                device: torch.device, seed: int) -> ClipInputs:
+def clip_inputs(transformer, grid: tuple[int, int, int], speakers: int, device: torch.device, seed: int) -> ClipInputs:
     """Random inputs of one first clip: noise, condition latent, text/image/audio conditioning, person masks."""
-    config = transformer.config
     generator = torch.Generator(device).manual_seed(seed)
-    frames, height, width = grid
-
-    def random(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, device=device, generator=generator)
-
-    masks = torch.zeros(3, height, width, device=device)
-    masks[0, :, : width // 2], masks[1, :, width // 2:] = 1, 1  # person 1 left, person 2 right
-    masks[2, : height // 8] = 1  # a strip of background
-    guidance = GuidanceInputs(
-        context=random(24, config.text_dim), negative_context=random(100, config.text_dim),
-        image_features=random(1, 257, config.image_dim),
-        audio=random(speakers, num_frames, config.audio_window, config.audio_layers, config.audio_dim),
-        ref_target_masks=masks,
-    )
-    return ClipInputs(random(16, frames, height, width), random(1, 20, frames, height, width), guidance)
+    guidance = random_guidance_inputs(transformer.config, grid, speakers, generator)
+    noise = torch.randn(16, *grid, generator=generator, device=device)
+    condition = torch.randn(1, 20, *grid, generator=generator, device=device)
+    return ClipInputs(noise, condition, guidance)
 
 
 def write_random_lora(transformer, folder: Path, rank: int, seed: int) -> Path:
@@ -260,7 +247,7 @@ def measure(transformer, args, device: torch.device, grid, *, speakers: int, gui
             lora_rank: int = 0, reference: bool = False, teacache_skip: bool = False) -> dict:
     """One measured case: warm-up steps, then `steps_measured` timed steps; per-step, per-pass, peak, FLOPs."""
     passes = len(guidance.pass_names)
-    inputs = clip_inputs(transformer, grid, args.num_frames, speakers, device, args.seed)
+    inputs = clip_inputs(transformer, grid, speakers, device, args.seed)
     teacache = None
     if teacache_skip:  # the first call computes (warm-up), every later one replays the cached residual
         teacache = TeaCacheConfig(float("inf"), COEFFICIENTS[(RESOLUTION, True)], warmup_steps=1, cutoff_step=None,

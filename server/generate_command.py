@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 from pathlib import Path
 
 from model.execution import OFFLOAD_MODES, WEIGHT_MODES, ExecutionOptions
@@ -98,7 +97,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
         device = join_process_group()
         rank = torch.distributed.get_rank()
-        seed = agreed_seed(seed, lambda: random.randint(0, 99_999_999))
+        seed = agreed_seed(seed)
         if rank:  # every rank decodes the same video; rank 0 writes it
             output = args.out.with_name(f".{args.out.stem}.rank{rank}.mp4")
     weights = cached_tiny_weights() if args.weights == "tiny" else Path(args.weights)

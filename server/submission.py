@@ -11,19 +11,20 @@ A null seed is drawn here for the same reason: every attempt of a job uses the s
 from __future__ import annotations
 
 import asyncio
-import random
 import shutil
 import tempfile
 from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
+from model.request_options import seed_or_random
+
 from .fal_errors import RequestError
 from .file_store import FileStore
 from .input_fetch import Expect, fetch_input
 from .jobs import Job, QueueFull
 from .public_urls import rebase_url
-from .schemas import MAX_SEED, AvatarMultiInput
+from .schemas import AvatarMultiInput
 from .services import APP_ID, Services
 
 RETRY_AFTER_S = 30  # what a 429 suggests; a queue slot frees up when a job finishes
@@ -64,7 +65,7 @@ async def stage_inputs(inp: AvatarMultiInput, services: Services, base_url: str)
             stored[field] = kept.url
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    seed = inp.seed if inp.seed is not None else random.randint(0, MAX_SEED)
+    seed = seed_or_random(inp.seed)
     return {**inp.model_dump(mode="json"), **stored, "seed": seed}
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import shutil
 import socket
 import tempfile
@@ -24,13 +23,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from model.errors import GenerationCancelled, InputError
+from model.request_options import seed_or_random
 
 from .fal_errors import input_error_body
 from .file_store import FileStore
 from .input_fetch import FetchSettings, fetch_input
 from .jobs import Job, JobStore
 from .maintenance import sweep_expired_leases
-from .schemas import MAX_SEED, AvatarMultiInput, to_generation_options
+from .schemas import AvatarMultiInput, to_generation_options
 
 logger = logging.getLogger("multitalk.worker")
 
@@ -120,7 +120,7 @@ class Worker:
         workdir = Path(tempfile.mkdtemp(prefix=f"multitalk-job-{job.id[:8]}-"))
         try:
             request_input = AvatarMultiInput.model_validate(job.input)
-            seed = request_input.seed if request_input.seed is not None else random.randint(0, MAX_SEED)
+            seed = seed_or_random(request_input.seed)
             self._log(job, "fetching inputs")
             image, audio = asyncio.run(self._fetch(request_input, workdir))
             from model.pipeline import GenerationRequest  # torch only in the worker process

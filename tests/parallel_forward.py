@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-from model.guidance import GuidanceCombiner, GuidanceConfig, guided_velocity
+from model.guidance import GuidanceCombiner, GuidanceConfig, guided_velocity, random_guidance_inputs
 from model.weights.layout import find_layout, load_transformer
-from model_inputs import random_guidance_inputs
 
 
 def parallel_cases(transformer) -> dict[str, tuple]:

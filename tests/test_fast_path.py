@@ -7,7 +7,7 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
 from model.attention_backends import choose_attention_backend
 from model.execution import ExecutionOptions, prepare_transformer
-from model.guidance import GuidanceConfig
+from model.guidance import GuidanceConfig, random_guidance_inputs
 from model.long_video import plan_clips
 from model.person_masks import person_masks
 from model.schedule import sampling_timesteps
@@ -100,8 +100,7 @@ def test_compiled_blocks_give_the_same_velocity(tiny_weights, tiny_pipeline):
 def test_bf16_transformer_is_close_to_fp32(tiny_weights, tiny_pipeline):
     """The GPU default precision: the raw predictions of the three guidance passes equal fp32's up to bf16
     rounding (≈ 0.6 % relative L2 error on the tiny weights, over several seeds; bounds with 3× margin)."""
-    from model_inputs import random_guidance_inputs
-
+    
     bf16 = load_transformer(find_layout(tiny_weights["multitalk"]), torch.bfloat16)
     fp32 = tiny_pipeline.components.transformer
     generator = torch.Generator().manual_seed(0)
@@ -135,7 +134,7 @@ def test_offloaded_pipeline_keeps_the_text_encoder_in_cpu_memory_and_makes_the_s
     from model.pipeline import GenerationRequest, Pipeline, visiting
 
     offloaded = Pipeline.from_weights(tiny_weights["multitalk"], execution=ExecutionOptions(offload="blocks"))
-    assert offloaded.offload_text_encoder and not tiny_pipeline.offload_text_encoder
+    assert offloaded.execution.text_encoder_on_cpu and not tiny_pipeline.execution.text_encoder_on_cpu
     request = dict(image=example_inputs["image"], audio=[example_inputs["audio1"], example_inputs["audio2"]],
                    prompt="two people talking", num_frames=41, steps=1, frame_size=FRAME_SIZE, seed=4)
     videos = [pipeline.generate(GenerationRequest(output=tmp_path / f"{name}.mp4", **request)).video

@@ -21,6 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 import torch
 from accelerate import init_empty_weights
@@ -233,21 +234,23 @@ class MultiTalkComponents:
 
 
 def load_components(layout: WeightsLayout, device: torch.device | str = "cpu", precision: Precision | None = None,
-                    transformer_device: torch.device | str | None = None) -> MultiTalkComponents:
-    """Load every model of the pipeline from `layout` onto `device` (the transformer onto `transformer_device`
-    when given: the CPU, for conversions before it moves). wav2vec2 runs in fp32 like the original, but on `device`
-    rather than the original's CPU: the same arithmetic, without a CPU pass over every request's audio."""
+                    on_cpu: Collection[str] = ()) -> MultiTalkComponents:
+    """Load every model of the pipeline from `layout` onto `device`, except those named in `on_cpu`
+    ("transformer": converted on the CPU before it moves; "text_encoder": kept in CPU memory between requests).
+    wav2vec2 runs in fp32 like the original, but on `device` rather than the original's CPU: the same
+    arithmetic, without a CPU pass over every request's audio."""
     precision = precision or Precision.for_device(device)
+    t5_device = "cpu" if "text_encoder" in on_cpu else device
     if layout.kind == "multitalk":
-        t5 = load_umt5_from_original(layout.text_encoder, precision.text_encoder, device)
+        t5 = load_umt5_from_original(layout.text_encoder, precision.text_encoder, t5_device)
         clip = load_clip_from_original(layout.image_encoder, precision.image_encoder, device)
         vae = load_vae_from_original(layout.vae, precision.vae, device)
     else:
-        t5 = load_umt5_from_pretrained(layout.text_encoder, precision.text_encoder, device)
+        t5 = load_umt5_from_pretrained(layout.text_encoder, precision.text_encoder, t5_device)
         clip = load_clip_from_pretrained(layout.image_encoder, precision.image_encoder, device)
         vae = load_vae_from_pretrained(layout.vae, precision.vae, device)
     return MultiTalkComponents(
-        transformer=load_transformer(layout, precision.transformer, transformer_device or device),
+        transformer=load_transformer(layout, precision.transformer, "cpu" if "transformer" in on_cpu else device),
         text_encoder=WanTextEncoder.from_tokenizer_dir(t5, layout.tokenizer),
         image_encoder=clip,
         vae=WanVAE(vae),
