@@ -21,21 +21,21 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .acceleration import SamplingRecipe, recipe_for
-from .audio_input import SAMPLES_PER_FRAME, combine_speakers, fit_length, load_speech
-from .errors import GenerationCancelled, InputError
-from .execution import ExecutionOptions, prepare_transformer
-from .guidance import GuidanceCombiner, GuidanceConfig, guided_velocity, random_guidance_inputs
-from .image_input import choose_bucket, load_image, pixels_to_tensor, resize_and_center_crop
-from .long_video import ClipPlan, plan_clips
-from .lora import load_lora, loaded_loras, use_lora
-from .person_masks import Box, detect_speaker_boxes, person_masks, validate_boxes
-from .request_options import ACCELERATIONS, AUDIO_MODES, MAX_SEED, NUM_FRAMES_RANGE, RESOLUTIONS, seed_or_random
-from .schedule import sampling_timesteps
-from .teacache import TeaCacheConfig
-from .video_generation import LATENT_CHANNELS, SamplingSettings, VideoConditioning, generate_video_clips
-from .video_output import Mp4Writer, frames_to_uint8
-from .weights.layout import MultiTalkComponents, Precision, find_layout, load_components
+from model.contract.errors import GenerationCancelled, InputError
+from model.contract.fields import ACCELERATIONS, AUDIO_MODES, MAX_SEED, NUM_FRAMES_RANGE, RESOLUTIONS, seed_or_random
+from model.media.audio_input import SAMPLES_PER_FRAME, combine_speakers, fit_length, load_speech
+from model.media.image_input import choose_bucket, load_image, pixels_to_tensor, resize_and_center_crop
+from model.media.person_masks import Box, detect_speaker_boxes, person_masks, validate_boxes
+from model.media.video_output import Mp4Writer, frames_to_uint8
+from model.runtime.execution import ExecutionOptions, prepare_transformer
+from model.runtime.lora import load_lora, loaded_loras, use_lora
+from model.sampling.acceleration import SamplingRecipe, recipe_for
+from model.sampling.guidance import GuidanceCombiner, GuidanceConfig, guided_velocity, random_guidance_inputs
+from model.sampling.long_video import ClipPlan, plan_clips
+from model.sampling.schedule import sampling_timesteps
+from model.sampling.teacache import TeaCacheConfig
+from model.sampling.video_generation import LATENT_CHANNELS, SamplingSettings, VideoConditioning, generate_video_clips
+from model.weights.layout import MultiTalkComponents, Precision, find_layout, load_components
 
 logger = logging.getLogger(__name__)
 

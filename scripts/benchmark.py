@@ -68,14 +68,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from model.acceleration import recipe_for  # noqa: E402
-from model.execution import ExecutionOptions, prepare_transformer  # noqa: E402
-from model.flops import denoising_step_flops, guidance_pass_speakers, latent_grid  # noqa: E402
-from model.guidance import GuidanceConfig, random_guidance_inputs  # noqa: E402
-from model.lora import load_lora, loaded_loras, use_lora  # noqa: E402
-from model.sampler import ClipInputs, sample_clip  # noqa: E402
-from model.schedule import sampling_timesteps  # noqa: E402
-from model.teacache import COEFFICIENTS, TeaCacheConfig  # noqa: E402
+from model.runtime.execution import ExecutionOptions, prepare_transformer  # noqa: E402
+from model.runtime.lora import load_lora, loaded_loras, use_lora  # noqa: E402
+from model.sampling.acceleration import recipe_for  # noqa: E402
+from model.sampling.guidance import GuidanceConfig, random_guidance_inputs  # noqa: E402
+from model.sampling.sampler import ClipInputs, sample_clip  # noqa: E402
+from model.sampling.schedule import sampling_timesteps  # noqa: E402
+from model.sampling.teacache import COEFFICIENTS, TeaCacheConfig  # noqa: E402
+from tools.flops import denoising_step_flops, guidance_pass_speakers, latent_grid  # noqa: E402
 
 PARTS = ("loop", "options", "e2e")
 LORA_NAME = "lightx2v_random"  # contains "lightx2v", so `high` picks the 4-step distilled recipe
@@ -189,7 +189,7 @@ def build_transformer(args, device: torch.device):
     """A fresh transformer of `args.config` on `device` (the 14B one made on the GPU, then moved if asked)."""
     global _tiny_pristine
     if args.config == "14b":
-        from model.real_size import random_transformer
+        from tools.real_size import random_transformer
 
         # Made where it is fast (the GPU: random numbers for 19B parameters in a second), then moved to the CPU
         # for the options that convert it there first; their peak memory is measured after preparation.
@@ -414,14 +414,14 @@ def run_e2e(transformer, args, device: torch.device, result: dict, save: Callabl
     from model.weights.layout import MultiTalkComponents
 
     if args.config == "14b":
-        from model.real_size import random_encoders
+        from tools.real_size import random_encoders
 
         log("e2e: building the real-size encoders (umT5-XXL, CLIP ViT-H/14, Wan VAE, wav2vec2-base) with random weights")
         encoders = random_encoders(device, seed=args.seed)
         components = MultiTalkComponents(transformer=transformer, **encoders)
     else:
-        from model.real_size import components_from_tiny
         from model.weights.tiny import build_tiny_components
+        from tools.real_size import components_from_tiny
 
         parts = build_tiny_components(args.seed)
         parts["dit"] = transformer

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.golden import run_all  # noqa: E402
+from tools.golden import run_all  # noqa: E402
 
 
 def main() -> int:

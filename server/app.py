@@ -15,13 +15,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from .fal_errors import install_error_handlers
-from .maintenance import run_maintenance
-from .middleware import BodySizeLimit, QueueHostRouting, RequestIdAndAccessLog
-from .routes import health, playground, queue, run, storage
-from .services import Services
-from .settings import Settings
-from .worker_runtime import run_worker
+from server.api.errors import install_error_handlers
+from server.api.middleware import BodySizeLimit, QueueHostRouting, RequestIdAndAccessLog
+from server.api.routes import health, playground, queue, run, storage
+from server.jobs.maintenance import run_maintenance
+from server.services import Services
+from server.settings import Settings
+from server.worker.runtime import run_worker
 
 logger = logging.getLogger("multitalk.api")
 

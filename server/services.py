@@ -12,12 +12,12 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from .file_store import FileStore
-from .input_fetch import FetchSettings
-from .jobs import Job, JobStore, open_job_store
-from .public_urls import request_base_url
-from .settings import Settings
-from .webhooks import WebhookSender
+from server.api.public_urls import request_base_url
+from server.files.fetch import FetchSettings
+from server.files.store import FileStore
+from server.jobs import Job, JobStore, open_job_store
+from server.jobs.webhooks import WebhookSender
+from server.settings import Settings
 
 APP_ID = "fal-ai/ai-avatar/multi"  # what submit and run are called with
 OWNER_APP = "fal-ai/ai-avatar"  # what status, result and cancel are called with (fal drops the endpoint path)

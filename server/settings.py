@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from model.execution import OFFLOAD_MODES, WEIGHT_MODES, ExecutionOptions
+from model.runtime.execution import OFFLOAD_MODES, WEIGHT_MODES, ExecutionOptions
 
 MiB = 1024 * 1024
 

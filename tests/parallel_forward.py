@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from model.guidance import GuidanceCombiner, GuidanceConfig, guided_velocity, random_guidance_inputs
+from model.sampling.guidance import GuidanceCombiner, GuidanceConfig, guided_velocity, random_guidance_inputs
 from model.weights.layout import find_layout, load_transformer
 
 
@@ -45,8 +45,8 @@ def tiny_transformer(weights: Path):
 if __name__ == "__main__":
     import torch.distributed as dist
 
-    from model.execution import ExecutionOptions, prepare_transformer
-    from model.sequence_parallel import join_process_group
+    from model.network.sequence_parallel import join_process_group
+    from model.runtime.execution import ExecutionOptions, prepare_transformer
 
     out, weights, degree = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     device = join_process_group()

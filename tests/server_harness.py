@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from local_servers import free_port
+from repo_paths import REPO_ROOT
 
 FAST_JOBS = ("--frame-size", "32x64", "--steps", "1")
 START_TIMEOUT_S = 180.0
@@ -79,8 +80,8 @@ class Cluster:
         log = self.data_dir / f"process-{len(self.processes)}-{args[0]}.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "server.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                                    env=self._environment(extra_env), cwd=Path(__file__).resolve().parents[1])
+            proc = subprocess.Popen([sys.executable, "-m", "server.cli.main", *args], stdout=out, stderr=subprocess.STDOUT,
+                                    env=self._environment(extra_env), cwd=REPO_ROOT)
         process = Process(proc, log)
         self.processes.append(process)
         return process

@@ -39,7 +39,7 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.file_download import get_hf_file_metadata, hf_hub_url, http_get, repo_folder_name
 from huggingface_hub.utils import build_hf_headers, tqdm
 
-from .manifest import LAYOUTS, LORA_DIR, LORAS
+from model.weights.manifest import LAYOUTS, LORA_DIR, LORAS
 
 logger = logging.getLogger(__name__)
 

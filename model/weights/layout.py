@@ -26,14 +26,14 @@ from typing import Collection
 import torch
 from accelerate import init_empty_weights
 
-from ..audio_encoder import Wav2Vec2AudioEncoder
-from ..configs import heads_from_config, transformer_config_from_shapes
-from ..image_encoder import WanImageEncoder, load_clip_from_original, load_clip_from_pretrained
-from ..text_encoder import WanTextEncoder, load_umt5_from_original, load_umt5_from_pretrained
-from ..transformer_multitalk import MultiTalkTransformer3DModel, is_adapter_parameter
-from ..vae import WanVAE, load_vae_from_original, load_vae_from_pretrained
-from .keymaps import TensorRule, audio_key_to_ours, is_original_audio_key, original_dit_key_map
-from .streaming import CheckpointFiles, WeightsError, load_into_empty_model, plan_problems
+from model.encoders.audio_encoder import Wav2Vec2AudioEncoder
+from model.encoders.image_encoder import WanImageEncoder, load_clip_from_original, load_clip_from_pretrained
+from model.encoders.text_encoder import WanTextEncoder, load_umt5_from_original, load_umt5_from_pretrained
+from model.encoders.vae import WanVAE, load_vae_from_original, load_vae_from_pretrained
+from model.network.configs import heads_from_config, transformer_config_from_shapes
+from model.network.transformer_multitalk import MultiTalkTransformer3DModel, is_adapter_parameter
+from model.weights.keymaps import TensorRule, audio_key_to_ours, is_original_audio_key, original_dit_key_map
+from model.weights.streaming import CheckpointFiles, WeightsError, load_into_empty_model, plan_problems
 
 WAN_ORIGINAL_DIR = "Wan2.1-I2V-14B-480P"
 WAN_DIFFUSERS_DIR = "Wan2.1-I2V-14B-480P-Diffusers"

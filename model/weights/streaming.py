@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 
-from .keymaps import TensorRule
+from model.weights.keymaps import TensorRule
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,16 @@ from transformers import (
     Wav2Vec2Model,
 )
 
-from ..transformer_multitalk import MultiTalkTransformer3DModel
-from .keymaps import is_original_audio_key, original_dit_key_map, original_dit_keys, original_t5_key_map, original_t5_keys, original_vae_keys_for
-from .layout import MULTITALK_DIR, WAN_DIFFUSERS_DIR, WAN_ORIGINAL_DIR, WAV2VEC_DIR
+from model.network.transformer_multitalk import MultiTalkTransformer3DModel
+from model.weights.keymaps import (
+    is_original_audio_key,
+    original_dit_key_map,
+    original_dit_keys,
+    original_t5_key_map,
+    original_t5_keys,
+    original_vae_keys_for,
+)
+from model.weights.layout import MULTITALK_DIR, WAN_DIFFUSERS_DIR, WAN_ORIGINAL_DIR, WAV2VEC_DIR
 
 DIT_SHARDS_ORIGINAL = 7  # the published Wan2.1-I2V-14B-480P has 7 DiT shards
 DIT_SHARDS_DIFFUSERS = 3

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .redis_store import RedisJobStore
-from .sqlite_store import SqliteJobStore
-from .store import (
+from server.jobs.redis_store import RedisJobStore
+from server.jobs.sqlite_store import SqliteJobStore
+from server.jobs.store import (
     COMPLETED,
     DURATION_BUCKETS_S,
     IN_PROGRESS,

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import redis
 
-from .store import IN_PROGRESS, IN_QUEUE, OUTCOMES, Job, JobStore, WorkerInfo, check_room, stat_increments
+from server.jobs.store import IN_PROGRESS, IN_QUEUE, OUTCOMES, Job, JobStore, WorkerInfo, check_room, stat_increments
 
 
 class RedisJobStore(JobStore):

@@ -18,8 +18,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .store import (COMPLETED, IN_PROGRESS, IN_QUEUE, JOB_FIELDS, OUTCOMES, Job, JobStore, WorkerInfo, check_room,
-                    stat_increments)
+from server.jobs.store import (
+    COMPLETED,
+    IN_PROGRESS,
+    IN_QUEUE,
+    JOB_FIELDS,
+    OUTCOMES,
+    Job,
+    JobStore,
+    WorkerInfo,
+    check_room,
+    stat_increments,
+)
 
 _BUSY_TIMEOUT_S = 30.0
 

@@ -1,0 +1,131 @@
+"""fal's queue API (PEERS_AND_PROTOCOL.md §A.4–A.8): submit, status, status stream, result, cancel.
+
+Submit uses the full model id; status, result and cancel use owner/app only, as fal does (the forms
+with the endpoint path are accepted too, for hand-built URLs). Requests whose Host starts with
+`queue.` reach these routes without the `/queue` prefix (see middleware.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from server.api.auth import require_api_key
+from server.api.errors import RequestError, validation_error_response
+from server.api.public_urls import QUEUE_PREFIX, queue_urls
+from server.api.schemas import (
+    AvatarMultiInput,
+    AvatarMultiOutput,
+    CancelResponse,
+    QueueStatusResponse,
+    QueueSubmitResponse,
+)
+from server.api.submission import accept
+from server.api.views import result_response, status_body
+from server.jobs import COMPLETED, Job
+from server.jobs.webhooks import check_webhook_url
+from server.services import APP_ID, OWNER_APP, BaseUrlDep, ServicesDep, StoreDep
+
+router = APIRouter(prefix=QUEUE_PREFIX, tags=["queue"], dependencies=[Depends(require_api_key)])
+
+KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
+STREAM_POLL_S = 0.25
+CANCEL_STATUS_CODES = {"OK": 200, "CANCELLATION_REQUESTED": 202, "ALREADY_COMPLETED": 400, "NOT_FOUND": 404}
+# Query `logs`: the JS client sends 1/0, the Python client true/false.
+LogsFlag = Annotated[str | None, Query(pattern="^(0|1|true|false|True|False)$",
+                                       description="1 or true: include the logs.")]
+
+
+def _wants_logs(logs: str | None) -> bool:
+    return logs in ("1", "true", "True")
+
+
+def existing_job(request_id: str, store: StoreDep) -> Job:
+    job = store.get(request_id)
+    if job is None:
+        raise RequestError(404, f"Request {request_id} not found (unknown, or expired after its retention time)",
+                           "request_not_found")
+    return job
+
+
+JobDep = Annotated[Job, Depends(existing_job)]
+
+
+@router.post(f"/{APP_ID}", response_model=QueueSubmitResponse, summary="Queue a generation")
+async def submit(
+    inp: AvatarMultiInput, services: ServicesDep, base_url: BaseUrlDep, response: Response,
+    fal_webhook: Annotated[str | None, Query(description="URL that receives the result when the request completes.")] = None,
+    fal_max_queue_length: Annotated[int | None, Query(ge=0, description="Refuse (429) when more are queued.")] = None,
+):
+    if fal_webhook is not None and (reason := check_webhook_url(fal_webhook, services.settings.fetch_allowed_hosts)):
+        return validation_error_response([{"loc": ("query", "fal_webhook"), "msg": reason, "type": "value_error",
+                                           "input": fal_webhook}])
+    job = await accept(inp, services, base_url, fal_webhook, fal_max_queue_length)
+    response.headers["x-fal-request-id"] = job.id
+    position = await run_in_threadpool(services.store.queue_position, job.id)
+    return {"status": "IN_QUEUE", "queue_position": position, **queue_urls(base_url, OWNER_APP, job.id)}
+
+
+def _job_routes(prefix: str, in_schema: bool) -> None:
+    """Register status/stream/result/cancel under `prefix` (owner/app, or owner/app/endpoint)."""
+
+    @router.get(f"{prefix}/requests/{{request_id}}/status", response_model=QueueStatusResponse,
+                response_model_exclude_none=False, include_in_schema=in_schema, summary="Status of a request",
+                responses={202: {"description": "Queued or in progress", "model": QueueStatusResponse}})
+    def status(job: JobDep, store: StoreDep, base_url: BaseUrlDep, response: Response, logs: LogsFlag = None):
+        response.status_code = 200 if job.status == COMPLETED else 202
+        response.headers["x-fal-request-id"] = job.id
+        return status_body(job, store, base_url, _wants_logs(logs))
+
+    @router.get(f"{prefix}/requests/{{request_id}}/status/stream", include_in_schema=in_schema,
+                summary="Status as server-sent events until COMPLETED", response_class=StreamingResponse)
+    def status_stream(job: JobDep, store: StoreDep, base_url: BaseUrlDep, request: Request, logs: LogsFlag = None):
+        events = _status_events(job.id, store, base_url, _wants_logs(logs), request)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"x-fal-request-id": job.id, "cache-control": "no-cache"})
+
+    @router.get(f"{prefix}/requests/{{request_id}}", response_model=AvatarMultiOutput, include_in_schema=in_schema,
+                summary="Result of a completed request")
+    def result(job: JobDep, services: ServicesDep, base_url: BaseUrlDep):
+        return result_response(job, services, base_url)
+
+    @router.put(f"{prefix}/requests/{{request_id}}/cancel", response_model=CancelResponse,
+                include_in_schema=in_schema, summary="Cancel a queued or running request")
+    def cancel(request_id: str, services: ServicesDep, response: Response):
+        outcome = services.store.request_cancel(request_id)
+        if outcome == "OK":  # a queued job completes right here, so its webhook goes from here
+            services.job_completed(services.store.get(request_id))
+        response.status_code = CANCEL_STATUS_CODES[outcome]
+        response.headers["x-fal-request-id"] = request_id
+        return {"status": outcome}
+
+
+_job_routes(f"/{OWNER_APP}", in_schema=True)
+_job_routes(f"/{APP_ID}", in_schema=False)
+
+
+async def _status_events(job_id: str, store, base_url: str, with_logs: bool, request: Request) -> AsyncIterator[str]:
+    """One `data:` event per change of the status, a comment every KEEPALIVE_S, closed after COMPLETED."""
+    last, last_sent_at = None, time.monotonic()
+    while not await request.is_disconnected():
+        job = await run_in_threadpool(store.get, job_id)
+        if job is None:  # expired while streaming
+            return
+        body = await run_in_threadpool(status_body, job, store, base_url, with_logs)
+        text = json.dumps(body)
+        if text != last:
+            yield f"data: {text}\n\n"
+            last, last_sent_at = text, time.monotonic()
+        elif time.monotonic() - last_sent_at >= KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            last_sent_at = time.monotonic()
+        if job.status == COMPLETED:
+            return
+        await asyncio.sleep(STREAM_POLL_S)

@@ -1,0 +1,94 @@
+"""Accepting a request: check its inputs, keep them, and queue the job.
+
+The inputs are fetched *before* the job is queued, by the API: an unreachable, private, oversized
+or non-media URL, or a broken data URI, is answered at once with a 422 naming the field, for queued
+requests as for synchronous ones, instead of failing minutes later in a worker. Once fetched they
+are kept in the file store and the job refers to them there, so a job never depends on a URL that
+may change or expire, retries use the same bytes, and job records stay small (no inline data URIs).
+A null seed is drawn here for the same reason: every attempt of a job uses the same seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from pathlib import Path
+
+from starlette.concurrency import run_in_threadpool
+
+from model.contract.fields import seed_or_random
+from server.api.errors import RequestError
+from server.api.public_urls import rebase_url
+from server.api.schemas import AvatarMultiInput
+from server.files.fetch import Expect, fetch_input
+from server.files.store import FileStore
+from server.jobs import Job, QueueFull
+from server.services import APP_ID, Services
+
+RETRY_AFTER_S = 30  # what a 429 suggests; a queue slot frees up when a job finishes
+
+
+class _FilesSeenFrom:
+    """The file store as seen through `base_url`: our own upload URLs, whichever host name the
+    client used to reach us, resolve to files on disk instead of going out to the network."""
+
+    def __init__(self, files: FileStore, base_url: str):
+        self.files, self.base_url = files, base_url
+
+    def resolve_url(self, url: str) -> Path | None:
+        return self.files.resolve_url(rebase_url(url, self.base_url, self.files.public_base_url))
+
+
+def _media_fields(inp: AvatarMultiInput) -> list[tuple[str, str, Expect]]:
+    fields: list[tuple[str, str, Expect]] = [("image_url", inp.image_url, "image"),
+                                             ("first_audio_url", inp.first_audio_url, "audio")]
+    if inp.second_audio_url is not None and not inp.use_only_first_audio:
+        fields.append(("second_audio_url", inp.second_audio_url, "audio"))
+    return fields
+
+
+async def stage_inputs(inp: AvatarMultiInput, services: Services, base_url: str) -> dict:
+    """The job's stored input: `inp` with its media moved into the file store and its seed fixed."""
+    workdir = Path(tempfile.mkdtemp(prefix="multitalk-submit-"))
+    try:
+        local = _FilesSeenFrom(services.files, base_url)
+        fetched = await asyncio.gather(*(
+            fetch_input(url, field, workdir, services.fetch, local, expect=expect)  # type: ignore[arg-type]
+            for field, url, expect in _media_fields(inp)
+        ))
+        stored = {}
+        for (field, _, _), file in zip(_media_fields(inp), fetched):
+            kept = await run_in_threadpool(services.files.add_file, file.path, file.content_type,
+                                           f"{field.removesuffix('_url')}{file.path.suffix}")
+            stored[field] = kept.url
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    seed = seed_or_random(inp.seed)
+    return {**inp.model_dump(mode="json"), **stored, "seed": seed}
+
+
+async def accept(inp: AvatarMultiInput, services: Services, base_url: str, webhook_url: str | None = None,
+                 max_queue: int | None = None) -> Job:
+    """Queue the request; 422 for unusable inputs (InputError), 429 when the queue is full.
+
+    A full queue is refused before the inputs are fetched (no wasted download) and again,
+    atomically, by the store's submit (concurrent submits may have filled it meanwhile; the
+    inputs kept for this request are then deleted).
+    """
+    limit = services.settings.max_queue
+    if max_queue is not None:
+        limit = max_queue if limit is None else min(limit, max_queue)
+    if limit is not None and (await run_in_threadpool(services.store.counts))["queued"] >= limit:
+        raise _queue_full(f"the queue already holds {limit} jobs (its limit); try again later")
+    stored_input = await stage_inputs(inp, services, base_url)
+    try:
+        return await run_in_threadpool(services.store.submit, APP_ID, stored_input, webhook_url, limit)
+    except QueueFull as exc:
+        for field, _, _ in _media_fields(inp):
+            services.files.delete(stored_input[field].rsplit("/", 1)[-1])
+        raise _queue_full(str(exc)) from None
+
+
+def _queue_full(detail: str) -> RequestError:
+    return RequestError(429, detail, "queue_full", {"Retry-After": str(RETRY_AFTER_S)})

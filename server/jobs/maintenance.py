@@ -1,0 +1,59 @@
+"""Housekeeping the API process runs in the background.
+
+* Jobs whose worker died (lease ran out) are re-queued or failed, even when no worker is left to
+  notice; the completed ones get their webhook.
+* Finished jobs and stored files older than the retention time are deleted.
+
+Every API replica may run it: each store operation is atomic and each expired id is handed to one
+caller only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Callable
+
+from starlette.concurrency import run_in_threadpool
+
+from server.jobs import COMPLETED, Job, JobStore
+
+if TYPE_CHECKING:
+    from server.services import Services
+
+logger = logging.getLogger("multitalk.maintenance")
+
+SWEEP_EVERY_S = 5.0
+CLEANUP_EVERY_SWEEPS = 60  # retention is hours; checking every five minutes is plenty
+
+
+def sweep_expired_leases(store: JobStore, max_attempts: int, on_completed: Callable[[Job], None]) -> None:
+    """Re-queue or fail the jobs of dead workers; `on_completed` gets those that failed (their webhook).
+    Workers run it between jobs, the API on a timer, so it happens even with no worker left."""
+    for job in store.requeue_expired(max_attempts):
+        logger.warning("worker lost id=%s now=%s attempts=%d", job.id, job.status, job.attempts)
+        if job.status == COMPLETED:
+            on_completed(job)
+
+
+def delete_expired(services: Services) -> None:
+    retention_s = services.settings.retention_s
+    jobs = services.store.expire_finished(retention_s)
+    files = services.files.delete_older_than(retention_s)
+    if jobs or files:
+        logger.info("retention cleanup jobs=%d files=%d older_than_s=%g", len(jobs), files, retention_s)
+
+
+async def run_maintenance(services: Services) -> None:
+    """Forever, until cancelled; a failing round is logged and the next one tries again."""
+    sweeps = 0
+    while True:
+        try:
+            await run_in_threadpool(sweep_expired_leases, services.store, services.settings.max_attempts,
+                                    services.job_completed)
+            if sweeps % CLEANUP_EVERY_SWEEPS == 0:
+                await run_in_threadpool(delete_expired, services)
+        except Exception:  # noqa: BLE001 - housekeeping must outlive a store hiccup
+            logger.exception("maintenance round failed")
+        sweeps += 1
+        await asyncio.sleep(SWEEP_EVERY_S)

@@ -1,0 +1,62 @@
+"""The API's housekeeping: jobs of dead workers are retried or failed (with their webhook), and
+finished jobs and stored files are deleted after the retention time, recent ones kept."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from server.jobs.maintenance import delete_expired, sweep_expired_leases
+from server.services import APP_ID, Services
+from server.settings import Settings
+
+
+def _services(tmp_path, **settings) -> tuple[Services, list]:
+    services = Services.from_settings(Settings(data_dir=tmp_path, **settings))
+    completed = []
+    services.job_completed = completed.append  # what would send the webhooks
+    return services, completed
+
+
+def test_sweep_requeues_then_fails_a_job_whose_worker_died(tmp_path):
+    services, completed = _services(tmp_path, max_attempts=2)
+    store = services.store
+    job = store.submit(APP_ID, {"prompt": "x"}, webhook_url="https://example.com/hook")
+    for attempt in (1, 2):
+        assert store.claim("dead-worker", lease_s=0.05).id == job.id
+        time.sleep(0.1)
+        sweep_expired_leases(store, services.settings.max_attempts, services.job_completed)
+    failed = store.get(job.id)
+    assert (failed.status, failed.outcome, failed.error_type) == ("COMPLETED", "ERROR", "WorkerLost")
+    assert [j.id for j in completed] == [job.id]  # one webhook, for the final failure only
+    services.close()
+
+
+def _finished_job(store, prompt: str):
+    job = store.submit(APP_ID, {"prompt": prompt})
+    assert store.claim("w", lease_s=60).id == job.id
+    store.finish(job.id, "w", "OK", {"status_code": 200, "body": {}})
+    return job
+
+
+def test_retention_deletes_old_jobs_and_files_and_keeps_recent_ones(tmp_path):
+    services, _ = _services(tmp_path, retention_s=0.5)
+    store, files = services.store, services.files
+    old_job = _finished_job(store, "old")
+    time.sleep(0.6)
+    recent_job = _finished_job(store, "recent")
+    queued_job = store.submit(APP_ID, {"prompt": "queued"})
+    source = tmp_path / "video.mp4"
+    source.write_bytes(b"old")
+    old_file = files.add_file(source, "video/mp4")
+    source.write_bytes(b"new")
+    new_file = files.add_file(source, "video/mp4")
+    an_hour_ago = time.time() - 3600
+    os.utime(old_file.path, (an_hour_ago, an_hour_ago))
+
+    delete_expired(services)
+
+    assert store.get(old_job.id) is None
+    assert store.get(recent_job.id) is not None and store.get(queued_job.id) is not None
+    assert not old_file.path.exists() and new_file.path.exists()
+    services.close()
