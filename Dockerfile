@@ -50,6 +50,11 @@ RUN bash scripts/install.sh deps
 COPY model/ model/
 COPY server/ server/
 RUN bash scripts/install.sh project ".[quant]"
+# librosa (audio input) has numba compile a few functions on first use and caches them; compiled here,
+# into a folder uid 1000 may extend, so the first job of a new container does not pay seconds for it.
+ENV NUMBA_CACHE_DIR=/opt/numba-cache
+RUN python -c "import numpy, librosa; librosa.resample(numpy.zeros(4410, numpy.float32), orig_sr=44100, target_sr=16000, res_type='soxr_hq')" \
+    && mkdir -p "$NUMBA_CACHE_DIR" && chown -R 1000:1000 "$NUMBA_CACHE_DIR"
 
 # An unprivileged user. /data belongs to it, so a new named volume mounted there is writable (Docker
 # copies the folder's owner into it); a host folder bind-mounted there must be writable by uid 1000.

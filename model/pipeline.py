@@ -15,17 +15,18 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from model.contract.errors import GenerationCancelled, InputError
-from model.contract.fields import ACCELERATIONS, AUDIO_MODES, MAX_SEED, NUM_FRAMES_RANGE, RESOLUTIONS, seed_or_random
+from model.contract.fields import seed_or_random
+from model.contract.request import GenerationRequest, GenerationResult, Progress, ProgressCallback
 from model.media.audio_input import SAMPLES_PER_FRAME, combine_speakers, fit_length, load_speech
 from model.media.image_input import choose_bucket, load_image, pixels_to_tensor, resize_and_center_crop
-from model.media.person_masks import Box, detect_speaker_boxes, person_masks, validate_boxes
+from model.media.person_masks import detect_speaker_boxes, person_masks, validate_boxes
 from model.media.video_output import Mp4Writer, frames_to_uint8
 from model.runtime.execution import ExecutionOptions, prepare_transformer
 from model.runtime.lora import load_lora, loaded_loras, use_lora
@@ -46,80 +47,6 @@ DEFAULT_NEGATIVE_PROMPT = (
     "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
     "background, three legs, many people in the background, walking backwards"
 )
-
-
-@dataclass
-class GenerationRequest:
-    """Validated-on-use inputs of one video; field names follow the hosted API where it has them."""
-
-    image: Path  # image_url
-    audio: Sequence[Path]  # first_audio_url[, second_audio_url]: person 1 (left), person 2 (right)
-    prompt: str
-    output: Path
-    num_frames: int = 181
-    resolution: str = "480p"
-    seed: int | None = None
-    acceleration: str = "regular"
-    use_only_first_audio: bool = False
-    # Extensions beyond the hosted API:
-    audio_mode: str = "add"  # "add": speakers take turns (first, then second); "para": both at once
-    speaker_boxes: Sequence[Box] | None = None  # [x_min, y_min, x_max, y_max] per speaker, image pixels
-    detect_speakers: bool = False  # place speakers from detected faces (falls back to left/right halves)
-    negative_prompt: str | None = None
-    steps: int | None = None
-    shift: float | None = None
-    text_scale: float | None = None
-    audio_scale: float | None = None
-    use_apg: bool = False
-    teacache_threshold: float | None = None
-    color_correction_strength: float = 1.0
-    frame_size: tuple[int, int] | None = None  # (H, W) instead of the resolution's bucket: previews, tests
-
-
-@dataclass
-class Progress:
-    stage: str  # "inputs", "encode", "sampling", "finishing"
-    message: str
-    clip: int = 0  # 1-based while sampling
-    clips: int = 0
-    step: int = 0
-    steps: int = 0
-
-
-@dataclass
-class GenerationResult:
-    video: Path
-    seed: int
-    num_frames: int
-    width: int
-    height: int
-    settings: str
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-ProgressCallback = Callable[[Progress], None]
-
-
-def _check_options(request: GenerationRequest) -> None:
-    lo, hi = NUM_FRAMES_RANGE
-    if not isinstance(request.num_frames, int) or not lo <= request.num_frames <= hi:
-        raise InputError("num_frames", f"must be an integer from {lo} to {hi}, got {request.num_frames!r}")
-    if request.resolution not in RESOLUTIONS:
-        raise InputError("resolution", f"must be one of {', '.join(RESOLUTIONS)}, got {request.resolution!r}")
-    if request.acceleration not in ACCELERATIONS:
-        raise InputError("acceleration", f"must be one of {', '.join(ACCELERATIONS)}, got {request.acceleration!r}")
-    if request.seed is not None and not (isinstance(request.seed, int) and 0 <= request.seed <= MAX_SEED):
-        raise InputError("seed", f"must be an integer from 0 to {MAX_SEED}, got {request.seed!r}")
-    if request.audio_mode not in AUDIO_MODES:
-        raise InputError("audio_mode", f"must be 'add' or 'para', got {request.audio_mode!r}")
-    if not 1 <= len(request.audio) <= 2:
-        raise InputError("second_audio_url", f"one or two audio tracks are supported, got {len(request.audio)}")
-    if not 0.0 <= request.color_correction_strength <= 1.0:
-        raise InputError("color_correction_strength", "must be between 0 and 1")
-    if request.steps is not None and not 1 <= request.steps <= 1000:
-        raise InputError("steps", f"must be from 1 to 1000, got {request.steps}")
-    if request.frame_size is not None and any(s <= 0 or s % 16 for s in request.frame_size):
-        raise InputError("frame_size", f"height and width must be positive multiples of 16, got {request.frame_size}")
 
 
 def _recipe(request: GenerationRequest, loras: Sequence[str]) -> SamplingRecipe:
@@ -215,7 +142,7 @@ class Pipeline:
         report = progress or (lambda event: None)
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        _check_options(request)
+        request.check()
         seed = seed_or_random(request.seed)
         recipe = _recipe(request, self.loras)
         clips = plan_clips(request.num_frames)
@@ -277,11 +204,11 @@ class Pipeline:
         image = load_image(Path(request.image), "image_url")
         src_hw = (image.height, image.width)
         target_hw = request.frame_size or choose_bucket(*src_hw, request.resolution)[1]
-        speakers = 1 if request.use_only_first_audio else len(request.audio)
+        speakers = request.speakers
         boxes = None
         if request.speaker_boxes is not None:
             boxes = validate_boxes(request.speaker_boxes, *src_hw, speakers, "speaker_boxes")
-        elif request.detect_speakers and speakers == 2:
+        elif request.speaker_placement == "faces" and speakers == 2:
             boxes = detect_speaker_boxes(image, speakers)
             if boxes is None:
                 logger.info("speaker detection found no face per speaker; using left/right halves")
@@ -302,9 +229,8 @@ class Pipeline:
         The mix (muxed into the MP4) is fitted to exactly `num_frames` by the writer; the per-speaker tracks
         cover every frame the clips generate, so no clip runs out of audio and nothing needs trimming.
         """
-        fields = ["first_audio_url", "second_audio_url"]
-        paths = list(request.audio)[:1] if request.use_only_first_audio else list(request.audio)
-        tracks = combine_speakers([load_speech(Path(p), f) for p, f in zip(paths, fields)], request.audio_mode)
+        tracks = combine_speakers([load_speech(Path(path), name) for path, name in request.speaker_audio],
+                                  request.audio_mode)
         generated = clips[-1].start + clips[-1].frames
         length = generated * SAMPLES_PER_FRAME
         tracks.per_speaker = [fit_length(t, length) for t in tracks.per_speaker]

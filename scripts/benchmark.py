@@ -6,7 +6,7 @@ Usage:
     python scripts/benchmark.py --merge A.json B.json ... [--out MERGED.json]   (tables of several runs)
 
 `--config 14b` builds the published-size models with random weights directly on the device (no download):
-the 14B transformer in bf16 (`model/real_size.py`; its cost depends on shapes, not values), plus the
+the 14B transformer in bf16 (`tools/real_size.py`; its cost depends on shapes, not values), plus the
 umT5-XXL, CLIP ViT-H/14, Wan VAE and wav2vec2-base encoders for the end-to-end part. `--config tiny` uses
 the seeded tiny models (`model/weights/tiny.py`) at 32 × 64 px and runs on a CPU in well under a minute.
 
@@ -14,7 +14,7 @@ Parts (each result lands in one JSON file, `--out`, rewritten after every case, 
   loop     per preset (`none`; `regular`/`high` = the FusionX/lightx2v LoRA recipes, 2 passes; their TeaCache
            fallbacks) and per speaker count (1, 2): seconds per step (after warm-up steps) of
            `sampler.sample_clip` on an 81-frame clip (480p: latent 21 × 56 × 112), seconds per DiT pass, peak
-           memory, FLOPs per step (`model/flops.py`), the FLOP floor = FLOPs ÷ the bf16 matmul rate measured
+           memory, FLOPs per step (`tools/flops.py`), the FLOP floor = FLOPs ÷ the bf16 matmul rate measured
            in the same run, and measured ÷ floor. The LoRA recipes run with a random LoRA of the published
            rank (32) loaded and active as the server runs it (unmerged peft adapter), so its cost is in. Each
            case is run again on the original's schedule (guidance passes one at a time at batch 1, the
@@ -410,7 +410,8 @@ def example_inputs(folder: Path) -> dict[str, Path]:
 
 
 def run_e2e(transformer, args, device: torch.device, result: dict, save: Callable[[], None], workdir: Path) -> None:
-    from model.pipeline import GenerationRequest, Pipeline
+    from model.contract.request import GenerationRequest
+    from model.pipeline import Pipeline
     from model.weights.layout import MultiTalkComponents
 
     if args.config == "14b":

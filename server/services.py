@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from model.contract.fields import AVATAR_MULTI
 from server.api.public_urls import request_base_url
 from server.files.fetch import FetchSettings
 from server.files.store import FileStore
@@ -19,8 +20,8 @@ from server.jobs import Job, JobStore, open_job_store
 from server.jobs.webhooks import WebhookSender
 from server.settings import Settings
 
-APP_ID = "fal-ai/ai-avatar/multi"  # what submit and run are called with
-OWNER_APP = "fal-ai/ai-avatar"  # what status, result and cancel are called with (fal drops the endpoint path)
+APP_ID = AVATAR_MULTI.app_id  # what submit and run are called with
+OWNER_APP = APP_ID.rsplit("/", 1)[0]  # what status, result and cancel are called with (fal drops the endpoint path)
 
 
 @dataclass

@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from model.contract.errors import InputError
+from model.contract.fields import FIELDS, FRAME_SIZE, STEPS, RequestField
 from model.runtime.execution import OFFLOAD_MODES, WEIGHT_MODES, ExecutionOptions
 
 MiB = 1024 * 1024
@@ -28,14 +30,12 @@ def _word_set(text: str) -> frozenset[str]:
     return frozenset(word for word in text.replace(",", " ").split() if word)
 
 
-def _frame_size(text: str) -> tuple[int, int] | None:
-    if not text.strip():
-        return None
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"expected HEIGHTxWIDTH, e.g. 64x128, got {text!r}") from None
-    return height, width
+def _forced(field: RequestField) -> Callable[[str], Any]:
+    """A request field forced on every job: parsed by the field itself; empty or `none` leaves it to the request."""
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in ("", "none") else field.parse(text)
+
+    return parse
 
 
 def _flag_bool(text: str) -> bool:
@@ -109,9 +109,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("webhook_secret", str, "Secret for the HMAC-SHA256 signature header on webhooks "
            "(unset: webhooks are not signed).", None),
     Option("webhook_attempts", int, "Deliveries tried per webhook (exponential backoff).", None),
-    Option("frame_size", _frame_size, "HEIGHTxWIDTH forced on every job (fast previews and CPU demos; "
+    Option("frame_size", _forced(FRAME_SIZE), "HEIGHTxWIDTH forced on every job (fast previews and CPU demos; "
            "unset: the resolution's bucket).", "--frame-size", ("serve", "worker")),
-    Option("steps", _optional_int, "Sampling steps forced on every job (previews, CPU demos; unset: "
+    Option("steps", _forced(STEPS), "Sampling steps forced on every job (previews, CPU demos; unset: "
            "the acceleration preset's).", "--steps", ("serve", "worker")),
     Option("attention", str, "Attention kernel: `auto` (FlashAttention 3, cuDNN, FlashAttention 2, then "
            "PyTorch SDPA: the first installed and usable; all exact) or a diffusers backend name such as "
@@ -171,6 +171,12 @@ class Settings:
         return f"http://{host}:{self.port}"
 
     @property
+    def request_overrides(self) -> dict[str, Any]:
+        """The request fields forced on every job (`frame_size`, `steps`), when set."""
+        return {name: value for name, value in ((FRAME_SIZE.name, self.frame_size), (STEPS.name, self.steps))
+                if value is not None}
+
+    @property
     def execution(self) -> ExecutionOptions:
         return ExecutionOptions(attention=self.attention, weights=self.weight_storage, offload=self.offload,
                                 compile=self.compile)
@@ -187,6 +193,11 @@ class Settings:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             problems.append(f"public_url must start with http:// or https://, got {self.public_url!r}")
+        for name, value in self.request_overrides.items():
+            try:
+                FIELDS[name].check(value)
+            except InputError as exc:
+                problems.append(str(exc))
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -1,4 +1,4 @@
-"""One rank of the sequence-parallel check (run by tests/test_sequence_parallel.py under torchrun).
+"""One rank of the sequence-parallel check (run by tests/model/runtime/test_sequence_parallel.py under torchrun).
 
 Loads the tiny transformer, splits its sequence (`ExecutionOptions.sequence_parallel`), runs the batched guidance
 passes for the cases of `parallel_cases()`, and rank 0 saves the guided velocities to argv[1].

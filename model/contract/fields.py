@@ -1,16 +1,204 @@
-"""The request's limits and choices, in one torch-free module.
+"""The request contract: every field of a generation request, declared once, torch-free.
 
-The pipeline validates against these, and the HTTP schemas (`server/`, which must not import torch)
-build their fields from them, so the two can never disagree.
+Each `RequestField` holds a field's name (as the hosted API spells it), type, default, limits,
+choices and help. Everything else derives from this table, so the surfaces cannot disagree:
+
+* `model.contract.request.GenerationRequest` takes the fields as its options, and its `check()`
+  (which the pipeline runs) applies their limits and choices, raising `InputError(field, reason)`;
+* the HTTP schemas (`server.api.schemas`) are built from the fields an `Endpoint` exposes, with the
+  endpoint's own defaults (the hosted `seed` default is 81, the CLI's is a random seed);
+* the `multitalk generate` flags (`server.cli.generate`) and the serve/worker settings that force a
+  field on every job (`--steps`, `--frame-size`) parse with the fields' own parsers;
+* the playground reads the limits from the OpenAPI schema the server publishes.
+
+A new extension field or a new endpoint is one entry here, not one per surface.
 """
 
-import random
+from __future__ import annotations
 
-NUM_FRAMES_RANGE = (41, 241)
+import random
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+from model.contract.errors import InputError
+
+Kind = Literal["int", "float", "bool", "text", "choice", "boxes", "frame_size", "image", "audio"]
+MEDIA_KINDS = ("image", "audio")
 MAX_SEED = 2**32 - 1  # the hosted API accepts 0..4294967295
-RESOLUTIONS = ("480p", "720p")
-ACCELERATIONS = ("none", "regular", "high")
-AUDIO_MODES = ("add", "para")  # speakers in turn / at the same time
+FRAME_SIZE_MULTIPLE = 16  # the VAE's 8× and the patch's 2× downsampling
+
+
+@dataclass(frozen=True)
+class RequestField:
+    """One request field. `default` None with `required` False means "absent" (the model decides).
+
+    `hosted`: part of fal's schema (False: an extension of ours). `http`: accepted over HTTP (False:
+    a CLI and server-setting override only). `flag`: the CLI flag when it is not `--name-with-dashes`.
+    """
+
+    name: str
+    kind: Kind
+    help: str
+    default: Any = None
+    required: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    hosted: bool = True
+    http: bool = True
+    flag: str | None = None
+    example: Any = None
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def limits(self) -> str:
+        """The limits in words, for help texts and errors: "from 41 to 241", "one of 480p, 720p"."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.minimum is not None and self.maximum is not None:
+            return f"from {_number(self.minimum)} to {_number(self.maximum)}"
+        if self.minimum is not None:
+            return f"of at least {_number(self.minimum)}"
+        return f"of at most {_number(self.maximum)}" if self.maximum is not None else ""
+
+    def check(self, value: Any) -> None:
+        """Raise InputError naming this field if `value` breaks its type, limits or choices (None is absent)."""
+        if value is None:
+            if self.required:
+                raise InputError(self.name, "is required")
+            return
+        numeric = {"int": (int, "an integer"), "float": ((int, float), "a number")}.get(self.kind)
+        if numeric is not None:
+            types, noun = numeric
+            if not isinstance(value, types) or isinstance(value, bool) or not _within(value, self.minimum, self.maximum):
+                raise InputError(self.name, f"must be {noun} {self.limits}".rstrip() + f", got {value!r}")
+        if self.kind == "bool" and not isinstance(value, bool):
+            raise InputError(self.name, f"must be true or false, got {value!r}")
+        if self.kind == "text" and not isinstance(value, str):
+            raise InputError(self.name, f"must be text, got {type(value).__name__}")
+        if self.choices and value not in self.choices:
+            raise InputError(self.name, f"must be {self.limits}, got {value!r}")
+        if self.kind == "frame_size" and (len(value) != 2 or any(
+                not isinstance(s, int) or s <= 0 or s % FRAME_SIZE_MULTIPLE for s in value)):
+            raise InputError(self.name, f"height and width must be positive multiples of {FRAME_SIZE_MULTIPLE}, "
+                                        f"got {value}")
+
+    def parse(self, text: str) -> Any:
+        """A value from command-line or environment text; ValueError with the reason if it is not one."""
+        if self.kind == "int":
+            return int(text)
+        if self.kind == "float":
+            return float(text)
+        if self.kind == "frame_size":
+            try:
+                height, width = (int(v) for v in text.lower().split("x"))
+            except ValueError:
+                raise ValueError(f"expected HEIGHTxWIDTH, e.g. 448x896, got {text!r}") from None
+            return height, width
+        if self.kind == "boxes":  # one box per call: x_min,y_min,x_max,y_max
+            try:
+                box = tuple(int(v) for v in text.split(","))
+            except ValueError:
+                raise ValueError(f"expected x_min,y_min,x_max,y_max in pixels, got {text!r}") from None
+            if len(box) != 4:
+                raise ValueError(f"expected 4 numbers x_min,y_min,x_max,y_max, got {text!r}")
+            return box
+        return text
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _within(value: float, minimum: float | None, maximum: float | None) -> bool:
+    return (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+
+
+# -- the fields ---------------------------------------------------------------------------------
+
+IMAGE = RequestField("image_url", "image", "The image with the people who speak; resized and centre-cropped to the "
+                     "resolution's aspect.", required=True, flag="--image",
+                     example="https://example.com/two_people.png")
+FIRST_AUDIO = RequestField("first_audio_url", "audio", "Speech of person 1 (the left person, or the only one); any "
+                           "common audio format, or a video's sound.", required=True, flag="--audio",
+                           example="https://example.com/left_speaker.wav")
+SECOND_AUDIO = RequestField("second_audio_url", "audio", "Speech of person 2 (the right person). By default person 2 "
+                            "speaks after person 1.", flag="--audio2", example="https://example.com/right_speaker.wav")
+PROMPT = RequestField("prompt", "text", "What the video shows.", required=True,
+                      example="Two friends chat at a kitchen table, natural light, they take turns speaking.")
+NUM_FRAMES = RequestField("num_frames", "int", "Frames to generate at 25 fps (181 ≈ 7.2 s).", default=181,
+                          minimum=41, maximum=241, example=181)
+RESOLUTION = RequestField("resolution", "choice", "Output resolution.", default="480p", choices=("480p", "720p"))
+SEED = RequestField("seed", "int", "Random seed; absent: a random seed, returned with the result.",
+                    minimum=0, maximum=MAX_SEED, example=81)
+USE_ONLY_FIRST_AUDIO = RequestField("use_only_first_audio", "bool", "Animate only person 1, ignoring "
+                                    "`second_audio_url`.", default=False)
+ACCELERATION = RequestField("acceleration", "choice", "Speed preset: none (most steps), regular, high (fewest "
+                            "steps).", default="regular", choices=("none", "regular", "high"))
+AUDIO_MODE = RequestField("audio_mode", "choice", "add: the speakers take turns (person 1, then person 2); para: "
+                          "both tracks play at the same time.", default="add", choices=("add", "para"), hosted=False)
+SPEAKER_BOXES = RequestField("speaker_boxes", "boxes", "Where each speaker is: [x_min, y_min, x_max, y_max] in image "
+                             "pixels, one box per speaker in audio order (2 with a second audio, else 1). Takes "
+                             "precedence over `speaker_placement`.", hosted=False, flag="--speaker-box",
+                             example=[[0, 40, 400, 720], [420, 40, 820, 720]])
+SPEAKER_PLACEMENT = RequestField("speaker_placement", "choice", "Without boxes: halves = person 1 left, person 2 "
+                                 "right; faces = from detected faces (falls back to halves).", default="halves",
+                                 choices=("halves", "faces"), hosted=False)
+NEGATIVE_PROMPT = RequestField("negative_prompt", "text", "What the video should not show; absent: the model's "
+                               "default.", hosted=False)
+STEPS = RequestField("steps", "int", "Sampling steps instead of the acceleration preset's.", minimum=1,
+                     maximum=1000, hosted=False, http=False)
+SHIFT = RequestField("shift", "float", "Schedule shift instead of the preset's.", minimum=0.0, hosted=False,
+                     http=False)
+TEXT_SCALE = RequestField("text_scale", "float", "Text guidance scale (1 = 2-pass guidance).", minimum=0.0,
+                          hosted=False, http=False)
+AUDIO_SCALE = RequestField("audio_scale", "float", "Audio guidance scale.", minimum=0.0, hosted=False, http=False)
+USE_APG = RequestField("use_apg", "bool", "Adaptive projected guidance (less colour drift).", default=False,
+                       hosted=False, http=False, flag="--apg")
+TEACACHE_THRESHOLD = RequestField("teacache_threshold", "float", "TeaCache threshold instead of the preset's.",
+                                  minimum=0.0, hosted=False, http=False)
+COLOR_CORRECTION = RequestField("color_correction_strength", "float", "Strength of the colour matching to the "
+                                "image.", default=1.0, minimum=0.0, maximum=1.0, hosted=False, http=False,
+                                flag="--color-correction")
+FRAME_SIZE = RequestField("frame_size", "frame_size", "HEIGHTxWIDTH (multiples of 16) instead of the resolution's "
+                          "bucket: previews and CPU demos.", hosted=False, http=False)
+
+MEDIA_FIELDS: tuple[RequestField, ...] = (IMAGE, FIRST_AUDIO, SECOND_AUDIO)
+OPTION_FIELDS: tuple[RequestField, ...] = (
+    PROMPT, NUM_FRAMES, RESOLUTION, SEED, USE_ONLY_FIRST_AUDIO, ACCELERATION, AUDIO_MODE, SPEAKER_BOXES,
+    SPEAKER_PLACEMENT, NEGATIVE_PROMPT, STEPS, SHIFT, TEXT_SCALE, AUDIO_SCALE, USE_APG, TEACACHE_THRESHOLD,
+    COLOR_CORRECTION, FRAME_SIZE,
+)
+FIELDS: Mapping[str, RequestField] = {f.name: f for f in (*MEDIA_FIELDS, *OPTION_FIELDS)}
+AUDIO_FIELDS = tuple(f.name for f in MEDIA_FIELDS if f.kind == "audio")  # speaker order
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A hosted endpoint: which fields it takes over HTTP, in order, and its own defaults for them."""
+
+    app_id: str
+    title: str
+    fields: tuple[RequestField, ...]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def default(self, request_field: RequestField) -> Any:
+        return self.defaults.get(request_field.name, request_field.default)
+
+
+AVATAR_MULTI = Endpoint(
+    "fal-ai/ai-avatar/multi", "One image with one or two people, their speech, a prompt",
+    tuple(f for f in (*MEDIA_FIELDS, *OPTION_FIELDS) if f.http),
+    defaults={"seed": 81},  # the hosted schema's seed when absent; an explicit null draws one
+)
+
+
+def speaker_count(has_second_audio: bool, use_only_first_audio: bool) -> int:
+    """How many people speak: 2 with a second audio track that is not switched off, else 1."""
+    return 2 if has_second_audio and not use_only_first_audio else 1
 
 
 def seed_or_random(seed: int | None) -> int:

@@ -1,10 +1,21 @@
 """Audio input: any common audio or video file → the 16 kHz mono speech track MultiTalk conditions on.
 
-The original reads files with `librosa.load(path, sr=16000)` (mono = mean of the channels, then
-soxr "HQ" resampling with librosa's length fix) and normalises each track to −23 LUFS with
-pyloudnorm. This module restates those steps without librosa, decoding with the bundled ffmpeg so
-that every container ffmpeg knows (including the audio track of a video) works the same way and no
-temporary file is written (the original extracts video audio into the working directory).
+The original reads files with `librosa.load(path, sr=16000)` and normalises each track to −23 LUFS
+with pyloudnorm. Decoding is done here with the bundled ffmpeg instead of librosa's soundfile /
+audioread back-ends, so that every container ffmpeg knows (including the audio track of a video)
+works the same way and no temporary file is written (the original extracts video audio into the
+working directory). The rest of `librosa.load` is librosa's own code, called directly so that the
+numbers are the original's by construction (the golden `audio_load` checks are bit-exact):
+
+- `librosa.to_mono`: the channel mean (float32 stays float32);
+- `librosa.resample(res_type="soxr_hq")`: soxr "HQ" per channel, then (fix=True) the length fixed
+  to ceil(n · target / orig) and the input's dtype restored;
+- `librosa.util.fix_length`: zero-padding or cutting at the end, also used to fit the speakers'
+  tracks and the muxed mix to the video length.
+
+`import librosa` is cheap (its submodules load lazily), so importing this module stays as fast as
+before; the first call of one of these functions loads librosa's core and numba (1–3 s, once per
+process, in whatever process first loads or fits audio).
 Two speakers are combined as in `audio_prepare_multi`, except that `para` pads unequal lengths
 instead of crashing.
 """
@@ -19,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import imageio_ffmpeg
+import librosa
 import numpy as np
 import pyloudnorm
-import soxr
 
 from model.contract.errors import InputError
 
@@ -127,29 +138,26 @@ def _parse_float_wav(data: bytes) -> tuple[np.ndarray, int]:
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
-    """[channels, n] → [n]: the plain channel mean librosa takes (float32 stays float32)."""
-    return np.mean(samples, axis=0)
+    """[channels, n] → [n]: `librosa.to_mono`, the plain channel mean (float32 stays float32).
+
+    Raises librosa's ParameterError for NaN or infinite samples.
+    """
+    return librosa.to_mono(samples)
 
 
 def fit_length(samples: np.ndarray, length: int) -> np.ndarray:
-    """Zero-pad at the end, or cut, along the last axis to exactly `length` samples."""
-    missing = length - samples.shape[-1]
-    if missing <= 0:
-        return samples[..., :length]
-    return np.pad(samples, [(0, 0)] * (samples.ndim - 1) + [(0, missing)])
+    """Zero-pad at the end, or cut, along the last axis to exactly `length` samples (`librosa.util.fix_length`)."""
+    return librosa.util.fix_length(samples, size=length)
 
 
 def resample(samples: np.ndarray, orig_rate: int, target_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """librosa 0.11 `resample(res_type="soxr_hq", fix=True)` along the last axis, dtype kept.
+    """`librosa.resample(res_type="soxr_hq", fix=True)` along the last axis, dtype kept.
 
     soxr's output length can differ from the ideal by a sample; librosa fixes it to
-    ceil(n · target / orig), with the ratio computed first exactly as librosa does.
+    ceil(n · target / orig). The same rate returns `samples` itself. Raises librosa's ParameterError
+    for NaN or infinite samples.
     """
-    if orig_rate == target_rate:
-        return samples
-    length = int(np.ceil(samples.shape[-1] * (float(target_rate) / orig_rate)))
-    out = np.apply_along_axis(soxr.resample, -1, samples, orig_rate, target_rate, quality="soxr_hq")
-    return np.asarray(fit_length(out, length), dtype=samples.dtype)
+    return librosa.resample(samples, orig_sr=orig_rate, target_sr=target_rate, res_type="soxr_hq")
 
 
 def loudness_normalize(samples: np.ndarray, rate: int = SAMPLE_RATE, target_lufs: float = TARGET_LUFS) -> np.ndarray:
@@ -179,9 +187,13 @@ def load_speech(path: Path, field: str, max_seconds: float = 600.0) -> np.ndarra
     samples, rate = decode_audio(path, field, max_seconds)
     if samples.shape[1] < MIN_SECONDS * rate:
         raise InputError(field, f"audio is {samples.shape[1] / rate:.3f} s long; at least {MIN_SECONDS:g} s is needed")
-    speech = resample(to_mono(samples), rate)
-    if not np.isfinite(speech).all():
-        raise InputError(field, "the audio contains invalid (NaN or infinite) samples")
+    invalid = "the audio contains invalid (NaN or infinite) samples"
+    try:
+        speech = resample(to_mono(samples), rate)
+    except librosa.ParameterError as error:  # librosa's valid_audio: NaN or ±inf in its input
+        raise InputError(field, invalid) from error
+    if not np.isfinite(speech).all():  # finite but huge input can still overflow float32
+        raise InputError(field, invalid)
     if np.max(np.abs(speech)) < SILENCE_PEAK:
         raise InputError(field, "the audio is silent")
     return loudness_normalize(speech)

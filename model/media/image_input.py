@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.contract.errors import InputError
-from model.contract.fields import RESOLUTIONS
+from model.contract.fields import RESOLUTION
 
 # key = target height / width (the original's strings, in its order) → (H, W); every size is a multiple of 64.
 ASPECT_RATIO_627 = {  # ≈ 627² pixels: the `multitalk-480` bucket
@@ -48,7 +48,7 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 def choose_bucket(src_h: int, src_w: int, resolution: str) -> tuple[str, tuple[int, int]]:
     """(key, (H, W)) of the bucket whose h/w is nearest the image's; ties go to the earlier entry, as the original."""
     if resolution not in BUCKETS:
-        raise InputError("resolution", f"must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
+        raise InputError(RESOLUTION.name, f"must be {RESOLUTION.limits}, got {resolution!r}")
     table = BUCKETS[resolution]
     ratio = src_h / src_w
     key = min(table, key=lambda k: abs(float(k) - ratio))  # min is stable: first of equal distances, like sorted()[0]

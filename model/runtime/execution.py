@@ -71,7 +71,7 @@ def prepare_transformer(transformer, options: ExecutionOptions, device) -> str:
     from model.runtime.memory import prepare_memory
 
     device = torch.device(device)
-    prepare_memory(transformer, options, device)
+    prepare_memory(transformer, options.weights, options.offload, device)
     parallel = options.sequence_parallel > 1
     backend = apply_attention_backend(transformer, device, options.attention, context_parallel=parallel)
     transformer.reference_map_mode = "original" if options.reference_schedule else "fused"

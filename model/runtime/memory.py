@@ -27,23 +27,21 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
 from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
-from model.runtime.execution import ExecutionOptions
-
 # Matched with re.search on module names, on top of the model's own `_skip_layerwise_casting_patterns`
 # (patch_embedding, condition_embedder, norm) and `_keep_in_fp32_modules`, which diffusers adds.
 FP8_STORAGE_SKIP_PATTERNS = (*DEFAULT_SKIP_MODULES_PATTERN, "audio_proj", "norm_audio", "scale_shift_table", r"\.lora_")
 FP8_MIN_CUDA_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with float8 tensor cores
 
 
-def prepare_memory(transformer: nn.Module, options: ExecutionOptions, device: torch.device | str) -> None:
-    """Apply `options.weights`, then `options.offload`, leaving the transformer ready to run on `device`.
+def prepare_memory(transformer: nn.Module, weights: str, offload: str, device: torch.device | str) -> None:
+    """Apply the weight storage `weights`, then `offload`, leaving the transformer ready to run on `device`.
 
     Quantisation comes first: it rewrites the weights in place, and group offloading keeps pinned CPU
     copies of whatever weights exist when it is enabled (the quantised ones, so half or a quarter the size).
     The transformer may be on the CPU (`ExecutionOptions.loads_on_cpu_first`) or already on `device`.
     """
-    apply_weight_storage(transformer, options.weights, device)
-    apply_offload(transformer, options.offload, device)
+    apply_weight_storage(transformer, weights, device)
+    apply_offload(transformer, offload, device)
 
 
 def apply_weight_storage(transformer: nn.Module, mode: str, device: torch.device | str) -> None:

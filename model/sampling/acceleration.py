@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Iterable
 
-from model.contract.fields import ACCELERATIONS
+from model.contract.fields import ACCELERATION
 from model.sampling.guidance import GuidanceConfig
 from model.sampling.schedule import DEFAULT_SHIFT
 
@@ -44,8 +44,8 @@ def _find(loras: Iterable[str], needle: str) -> str | None:
 
 
 def recipe_for(acceleration: str, resolution: str, loras: Iterable[str] = ()) -> SamplingRecipe:
-    if acceleration not in ACCELERATIONS:
-        raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got {acceleration!r}")
+    if acceleration not in ACCELERATION.choices:
+        raise ValueError(f"acceleration must be {ACCELERATION.limits}, got {acceleration!r}")
     loras = list(loras)
     base = SamplingRecipe(steps=40, shift=DEFAULT_SHIFT[resolution], guidance=GuidanceConfig(5.0, 4.0))
     distilled = GuidanceConfig(text_scale=1.0, audio_scale=2.0)

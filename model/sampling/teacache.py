@@ -65,12 +65,14 @@ class TeaCacheDecision:
 class TeaCache:
     """Block-stack cache for one clip; `branches` names the batch items of every forward, in order."""
 
-    def __init__(self, config: TeaCacheConfig, branches: Sequence[str]):
+    def __init__(self, config: TeaCacheConfig, branches: Sequence[str], record_decisions: bool = False):
+        """`record_decisions` keeps every call's decision in `decisions`, for parity checks and tests; a request
+        does not pay for it."""
         self.config = config
         self.branches = tuple(branches)
         self.states = {name: _BranchState() for name in self.branches}
         self.rescale = np.poly1d(config.coefficients)
-        self.decisions: list[TeaCacheDecision] = []
+        self.decisions: list[TeaCacheDecision] | None = [] if record_decisions else None
 
     def _decide(self, state: _BranchState, distance: float | None) -> bool:
         cfg = self.config
@@ -103,7 +105,8 @@ class TeaCache:
                 distances[i] = value
         compute = [self._decide(s, d) for s, d in zip(states, distances)]
         for i, (name, state) in enumerate(zip(self.branches, states)):
-            self.decisions.append(TeaCacheDecision(name, state.calls, compute[i], state.accumulated))
+            if self.decisions is not None:
+                self.decisions.append(TeaCacheDecision(name, state.calls, compute[i], state.accumulated))
             state.previous_input = signal[i].clone()
             state.calls += 1
 

@@ -1,15 +1,15 @@
 """The wire models of `fal-ai/ai-avatar/multi`: request, result, and the queue's bodies.
 
-The request model is the hosted schema field for field (PEERS_AND_PROTOCOL.md §A.11), so an
-unmodified fal client's JSON validates here exactly as it does on fal; a few optional extension
-fields follow it (the hosted schema has no counterpart for them, fal clients never send them).
-Validation is pydantic's lax mode, the one fal's own FastAPI apps use, so numeric strings ("181")
-and integral floats (181.0) are accepted as numbers; the one exception is that JSON booleans are
-refused where an integer is expected (lax mode would read `true` as 1, and `true` is no frame count).
+The request model is generated from the request contract (`model.contract.fields`): the fields an
+`Endpoint` exposes, in its order, with its defaults, so an unmodified fal client's JSON validates here
+exactly as it does on fal; the extension fields (not in the hosted schema, never sent by fal clients)
+say so in their description. Validation is pydantic's lax mode, the one fal's own FastAPI apps use,
+so numeric strings ("181") and integral floats (181.0) are accepted as numbers; the one exception is
+that JSON booleans are refused where an integer is expected (lax mode would read `true` as 1, and
+`true` is no frame count).
 
-Nothing here imports torch: the limits and choices come from the torch-free
-`model.contract.fields`, and `to_generation_options` returns a plain dict for
-`model.pipeline.GenerationRequest`.
+Nothing here imports torch: the contract is torch-free, and `to_generation_options` returns the
+contract's options as `model.contract.request.GenerationRequest` takes them.
 """
 
 from __future__ import annotations
@@ -26,13 +26,25 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    create_model,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from model.contract.fields import ACCELERATIONS, AUDIO_MODES, MAX_SEED, NUM_FRAMES_RANGE, RESOLUTIONS
+from model.contract.fields import (
+    AVATAR_MULTI,
+    MEDIA_FIELDS,
+    MEDIA_KINDS,
+    OPTION_FIELDS,
+    SECOND_AUDIO,
+    SEED,
+    SPEAKER_BOXES,
+    USE_ONLY_FIRST_AUDIO,
+    Endpoint,
+    RequestField,
+    speaker_count,
+)
 
-DEFAULT_SEED = 81  # the hosted schema's default when `seed` is absent
 URL_SCHEMES = ("http", "https", "data")
 MAX_DATA_URI_CHARS = 8 * 1024 * 1024  # inline media beyond this belongs behind a URL or an upload
 
@@ -44,14 +56,8 @@ def _no_bool(value: Any) -> Any:
     return value
 
 
-# Bounds go before the validator so the JSON schema shows them as minimum/maximum.
-NumFrames = Annotated[int, Field(ge=NUM_FRAMES_RANGE[0], le=NUM_FRAMES_RANGE[1]), BeforeValidator(_no_bool)]
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_no_bool)]
-Pixel = Annotated[int, Field(ge=0), BeforeValidator(_no_bool)]
-
-
 def _check_media_url(value: str) -> str:
-    """Only the form is checked here (scheme, host, size); fetching and sniffing happen when the job runs."""
+    """Only the form is checked here (scheme, host, size); fetching and sniffing happen at submit."""
     parts = urlsplit(value)
     scheme = parts.scheme.lower()
     if scheme not in URL_SCHEMES:
@@ -71,6 +77,7 @@ def _check_media_url(value: str) -> str:
 
 
 MediaUrl = Annotated[str, StringConstraints(min_length=1), AfterValidator(_check_media_url)]
+Pixel = Annotated[int, Field(ge=0), BeforeValidator(_no_bool)]
 
 
 def _check_box(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
@@ -84,108 +91,96 @@ def _check_box(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
 
 Box = Annotated[tuple[Pixel, Pixel, Pixel, Pixel], AfterValidator(_check_box)]
 
-_EXAMPLE_INPUT = {
-    "image_url": "https://example.com/two_people.png",
-    "first_audio_url": "https://example.com/left_speaker.wav",
-    "second_audio_url": "https://example.com/right_speaker.wav",
-    "prompt": "Two friends chat at a kitchen table, natural light, they take turns speaking.",
-    "num_frames": 181,
-    "resolution": "480p",
-    "seed": 81,
-    "acceleration": "regular",
-}
+
+def _bounds(spec: RequestField) -> dict[str, float]:
+    return {key: value for key, value in (("ge", spec.minimum), ("le", spec.maximum)) if value is not None}
 
 
-class AvatarMultiInput(BaseModel):
-    """Input of `fal-ai/ai-avatar/multi`: one image with one or two people, their speech, a prompt."""
+def _annotation(spec: RequestField) -> Any:
+    """The pydantic type of a contract field on the wire. Bounds go before the bool check so the JSON schema
+    shows them as minimum/maximum."""
+    if spec.kind == "int":
+        annotation: Any = Annotated[int, Field(**_bounds(spec)), BeforeValidator(_no_bool)]
+    elif spec.kind == "float":
+        annotation = Annotated[float, Field(**_bounds(spec))]
+    elif spec.kind == "choice":
+        annotation = Literal[spec.choices]
+    else:
+        annotation = {"bool": bool, "text": str, "boxes": list[Box], "image": MediaUrl, "audio": MediaUrl}[spec.kind]
+    return annotation | None if spec.default is None and not spec.required else annotation
 
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [_EXAMPLE_INPUT]})
 
-    image_url: MediaUrl = Field(
-        description="The image with the people who speak; resized and centre-cropped to the resolution's aspect. "
-        "http(s) URL or data URI.",
-        examples=[_EXAMPLE_INPUT["image_url"]],
-    )
-    first_audio_url: MediaUrl = Field(
-        description="Speech of person 1 (the left person, or the only one). http(s) URL or data URI.",
-        examples=[_EXAMPLE_INPUT["first_audio_url"]],
-    )
-    second_audio_url: MediaUrl | None = Field(
-        None,
-        description="Speech of person 2 (the right person). By default person 2 speaks after person 1.",
-        examples=[_EXAMPLE_INPUT["second_audio_url"]],
-    )
-    prompt: str = Field(description="What the video shows.", examples=[_EXAMPLE_INPUT["prompt"]])
-    num_frames: NumFrames = Field(181, description="Frames to generate at 25 fps (181 ≈ 7.2 s).", examples=[181])
-    resolution: Literal[RESOLUTIONS] = Field("480p", description="Output resolution.")
-    seed: Seed | None = Field(
-        DEFAULT_SEED,
-        description="Random seed. Absent: 81. Explicit null: a random seed is drawn and returned in the result.",
-        examples=[81],
-    )
-    use_only_first_audio: bool = Field(False, description="Animate only person 1, ignoring `second_audio_url`.")
-    acceleration: Literal[ACCELERATIONS] = Field(
-        "regular", description="Speed preset: none (most steps), regular, high (fewest steps)."
-    )
+def _description(spec: RequestField, endpoint: Endpoint) -> str:
+    text = spec.help
+    if spec.kind in MEDIA_KINDS:
+        text += " http(s) URL, data URI, or a file uploaded to this server."
+    if spec is SEED:
+        text = f"Random seed. Absent: {endpoint.default(spec)}. Explicit null: a random seed is drawn and returned " \
+               "in the result."
+    return text if spec.hosted else f"Extension. {text}"
 
-    # Extensions beyond the hosted schema (fal clients never send them; the defaults are fal's behaviour).
-    audio_mode: Literal[AUDIO_MODES] = Field(
-        "add", description="Extension. add: the speakers take turns (person 1, then person 2); para: both tracks "
-        "play at the same time."
-    )
-    speaker_boxes: list[Box] | None = Field(
-        None,
-        description="Extension. Where each speaker is: [x_min, y_min, x_max, y_max] in image pixels, one box per "
-        "speaker in audio order (2 with a second audio, else 1). Takes precedence over `speaker_placement`.",
-        examples=[[[0, 40, 400, 720], [420, 40, 820, 720]]],
-    )
-    speaker_placement: Literal["halves", "faces"] = Field(
-        "halves", description="Extension. Without boxes: halves = person 1 left, person 2 right; faces = from "
-        "detected faces (falls back to halves)."
-    )
-    negative_prompt: str | None = Field(
-        None, description="Extension. What the video should not show; null: the model's default."
-    )
+
+class _EndpointInput(BaseModel):
+    """What every endpoint's input model shares: unknown fields ignored (as fal), one box per speaker."""
+
+    model_config = ConfigDict(extra="ignore")
 
     @model_validator(mode="after")
-    def _one_box_per_speaker(self) -> AvatarMultiInput:
+    def _one_box_per_speaker(self) -> _EndpointInput:
         """Checked on the model because the count depends on two other fields; the error still names `speaker_boxes`."""
-        if self.speaker_boxes is not None and len(self.speaker_boxes) != self.speakers:
+        boxes = getattr(self, SPEAKER_BOXES.name, None)
+        if boxes is not None and len(boxes) != self.speakers:
             error = InitErrorDetails(
                 type=PydanticCustomError(
                     "box_count", "needs one box per speaker: {expected} expected, {given} given",
-                    {"expected": self.speakers, "given": len(self.speaker_boxes)},
+                    {"expected": self.speakers, "given": len(boxes)},
                 ),
-                loc=("speaker_boxes",),
-                input=self.speaker_boxes,
+                loc=(SPEAKER_BOXES.name,),
+                input=boxes,
             )
             raise ValidationError.from_exception_data(type(self).__name__, [error])
         return self
 
     @property
     def speakers(self) -> int:
-        """How many people speak: 2 with a second audio track that is not switched off, else 1."""
-        return 2 if self.second_audio_url is not None and not self.use_only_first_audio else 1
+        return speaker_count(getattr(self, SECOND_AUDIO.name, None) is not None,
+                             getattr(self, USE_ONLY_FIRST_AUDIO.name, False))
 
 
-def to_generation_options(inp: AvatarMultiInput, seed: int) -> dict[str, Any]:
-    """Keyword arguments of `model.pipeline.GenerationRequest` other than the local image/audio/output paths.
+def endpoint_input_model(endpoint: Endpoint, name: str) -> type[_EndpointInput]:
+    """The pydantic input model of `endpoint`, field for field from the request contract."""
+    definitions: dict[str, Any] = {}
+    for spec in endpoint.fields:
+        extra = {"examples": [spec.example]} if spec.example is not None else {}
+        default = ... if spec.required else endpoint.default(spec)
+        definitions[spec.name] = (_annotation(spec), Field(default, description=_description(spec, endpoint), **extra))
+    example = {spec.name: spec.example if spec.example is not None else endpoint.default(spec)
+               for spec in endpoint.fields if spec.hosted}
+    model = create_model(name, __base__=_EndpointInput, __doc__=f"Input of `{endpoint.app_id}`: {endpoint.title}.",
+                         __module__=__name__, **definitions)
+    model.model_config["json_schema_extra"] = {"examples": [example]}
+    return model
+
+
+AvatarMultiInput = endpoint_input_model(AVATAR_MULTI, "AvatarMultiInput")
+
+
+def media_inputs(inp: _EndpointInput) -> dict[str, str]:
+    """The media fields the request uses, by contract name: a second audio that is switched off is left out."""
+    used = {spec.name: getattr(inp, spec.name) for spec in MEDIA_FIELDS if getattr(inp, spec.name, None) is not None}
+    if inp.speakers < 2:
+        used.pop(SECOND_AUDIO.name, None)
+    return used
+
+
+def to_generation_options(inp: _EndpointInput, seed: int) -> dict[str, Any]:
+    """The contract's options of `inp` (everything but the media), as `GenerationRequest` takes them.
 
     `seed` is the one the job actually uses (`inp.seed`, or the draw made when it was null), so the
     job can record it before the run and return it in the result.
     """
-    return {
-        "prompt": inp.prompt,
-        "num_frames": inp.num_frames,
-        "resolution": inp.resolution,
-        "seed": seed,
-        "acceleration": inp.acceleration,
-        "use_only_first_audio": inp.use_only_first_audio,
-        "audio_mode": inp.audio_mode,
-        "speaker_boxes": inp.speaker_boxes,
-        "detect_speakers": inp.speaker_placement == "faces",
-        "negative_prompt": inp.negative_prompt,
-    }
+    options = {spec.name: getattr(inp, spec.name) for spec in OPTION_FIELDS if spec.name in type(inp).model_fields}
+    return {**options, SEED.name: seed}
 
 
 class File(BaseModel):

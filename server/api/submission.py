@@ -6,6 +6,10 @@ requests as for synchronous ones, instead of failing minutes later in a worker. 
 are kept in the file store and the job refers to them there, so a job never depends on a URL that
 may change or expire, retries use the same bytes, and job records stay small (no inline data URIs).
 A null seed is drawn here for the same reason: every attempt of a job uses the same seed.
+
+The job's input is `{"options": ..., "files": ...}`: the request's options as the contract names them
+(`GenerationRequest` takes them as they are) and the ids of the stored inputs by field. A worker
+builds its request from these alone and reads the files from the store; it never fetches a URL.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
-from model.contract.fields import seed_or_random
+from model.contract.fields import FIELDS, seed_or_random
 from server.api.errors import RequestError
 from server.api.public_urls import rebase_url
-from server.api.schemas import AvatarMultiInput
-from server.files.fetch import Expect, fetch_input
+from server.api.schemas import AvatarMultiInput, media_inputs, to_generation_options
+from server.files.fetch import FetchSettings, fetch_input
 from server.files.store import FileStore
 from server.jobs import Job, QueueFull
 from server.services import APP_ID, Services
@@ -40,32 +44,24 @@ class _FilesSeenFrom:
         return self.files.resolve_url(rebase_url(url, self.base_url, self.files.public_base_url))
 
 
-def _media_fields(inp: AvatarMultiInput) -> list[tuple[str, str, Expect]]:
-    fields: list[tuple[str, str, Expect]] = [("image_url", inp.image_url, "image"),
-                                             ("first_audio_url", inp.first_audio_url, "audio")]
-    if inp.second_audio_url is not None and not inp.use_only_first_audio:
-        fields.append(("second_audio_url", inp.second_audio_url, "audio"))
-    return fields
-
-
-async def stage_inputs(inp: AvatarMultiInput, services: Services, base_url: str) -> dict:
-    """The job's stored input: `inp` with its media moved into the file store and its seed fixed."""
+async def stage_inputs(inp: AvatarMultiInput, files: FileStore, fetch: FetchSettings, base_url: str) -> dict:
+    """The job's stored input: the contract's options with the seed fixed, and the ids of the kept media."""
+    media = media_inputs(inp)
     workdir = Path(tempfile.mkdtemp(prefix="multitalk-submit-"))
     try:
-        local = _FilesSeenFrom(services.files, base_url)
+        local = _FilesSeenFrom(files, base_url)
         fetched = await asyncio.gather(*(
-            fetch_input(url, field, workdir, services.fetch, local, expect=expect)  # type: ignore[arg-type]
-            for field, url, expect in _media_fields(inp)
+            fetch_input(url, field, workdir, fetch, local, expect=FIELDS[field].kind)  # type: ignore[arg-type]
+            for field, url in media.items()
         ))
-        stored = {}
-        for (field, _, _), file in zip(_media_fields(inp), fetched):
-            kept = await run_in_threadpool(services.files.add_file, file.path, file.content_type,
+        kept_ids = {}
+        for field, file in zip(media, fetched):
+            kept = await run_in_threadpool(files.add_file, file.path, file.content_type,
                                            f"{field.removesuffix('_url')}{file.path.suffix}")
-            stored[field] = kept.url
+            kept_ids[field] = kept.id
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    seed = seed_or_random(inp.seed)
-    return {**inp.model_dump(mode="json"), **stored, "seed": seed}
+    return {"options": to_generation_options(inp, seed_or_random(inp.seed)), "files": kept_ids}
 
 
 async def accept(inp: AvatarMultiInput, services: Services, base_url: str, webhook_url: str | None = None,
@@ -81,12 +77,12 @@ async def accept(inp: AvatarMultiInput, services: Services, base_url: str, webho
         limit = max_queue if limit is None else min(limit, max_queue)
     if limit is not None and (await run_in_threadpool(services.store.counts))["queued"] >= limit:
         raise _queue_full(f"the queue already holds {limit} jobs (its limit); try again later")
-    stored_input = await stage_inputs(inp, services, base_url)
+    stored_input = await stage_inputs(inp, services.files, services.fetch, base_url)
     try:
         return await run_in_threadpool(services.store.submit, APP_ID, stored_input, webhook_url, limit)
     except QueueFull as exc:
-        for field, _, _ in _media_fields(inp):
-            services.files.delete(stored_input[field].rsplit("/", 1)[-1])
+        for file_id in stored_input["files"].values():
+            services.files.delete(file_id)
         raise _queue_full(str(exc)) from None
 
 

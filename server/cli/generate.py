@@ -10,43 +10,51 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import Any, Callable
 
+from model.contract.fields import MEDIA_FIELDS, MEDIA_KINDS, OPTION_FIELDS, SEED, SPEAKER_PLACEMENT, RequestField
 from model.runtime.execution import OFFLOAD_MODES, WEIGHT_MODES, ExecutionOptions
 
 logger = logging.getLogger("multitalk.generate")
 
 
-def _box(text: str) -> tuple[int, int, int, int]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected x_min,y_min,x_max,y_max in pixels, got {text!r}") from None
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError(f"expected 4 numbers x_min,y_min,x_max,y_max, got {text!r}")
-    return values  # type: ignore[return-value]
+def _flag_type(spec: RequestField) -> Callable[[str], Any]:
+    """The field's own parser, with its reason shown by argparse."""
+    def parse(text: str) -> Any:
+        try:
+            return spec.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = spec.name  # argparse names it in "invalid <name> value"
+    return parse
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, e.g. 448x896, got {text!r}") from None
-    return height, width
+def add_request_flags(group: argparse._ActionsContainer, spec: RequestField) -> None:
+    """One contract field as a flag: local files for the media, the field's type, choices and default."""
+    limits = f" ({spec.limits})" if spec.limits and not spec.choices else ""
+    common = {"dest": spec.name, "help": spec.help + limits}
+    if spec.kind in MEDIA_KINDS:
+        group.add_argument(spec.cli_flag, type=Path, required=spec.required, **common)
+    elif spec.kind == "bool":
+        group.add_argument(spec.cli_flag, action="store_true", **common)
+    elif spec.kind == "choice":
+        group.add_argument(spec.cli_flag, choices=spec.choices, default=spec.default, **common)
+    elif spec.kind == "boxes":  # one flag per speaker, in audio order
+        group.add_argument(spec.cli_flag, type=_flag_type(spec), action="append", metavar="X_MIN,Y_MIN,X_MAX,Y_MAX",
+                           **common)
+    else:
+        group.add_argument(spec.cli_flag, type=_flag_type(spec), default=spec.default, required=spec.required,
+                           **common)
 
 
 def add_generate_parser(commands) -> None:
     gen = commands.add_parser("generate", help="make one talking video from an image and speech",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    gen.add_argument("--image", type=Path, required=True, help="reference image (people: left = first audio)")
-    gen.add_argument("--audio", type=Path, required=True, help="first speaker's audio (any common format or a video)")
-    gen.add_argument("--audio2", type=Path, help="second speaker's audio")
-    gen.add_argument("--prompt", required=True, help="what the video shows")
+    for spec in (*MEDIA_FIELDS, *OPTION_FIELDS):
+        if spec.hosted:
+            add_request_flags(gen, spec)
     gen.add_argument("--out", type=Path, required=True, help="output .mp4")
-    gen.add_argument("--num-frames", type=int, default=181, help="frames at 25 fps (41..241)")
-    gen.add_argument("--resolution", choices=["480p", "720p"], default="480p")
-    gen.add_argument("--seed", type=int, help="default: random (printed)")
-    gen.add_argument("--acceleration", choices=["none", "regular", "high"], default="regular")
-    gen.add_argument("--use-only-first-audio", action="store_true", help="one speaker even if --audio2 is given")
     gen.add_argument("--weights", default="tiny", help="checkpoint folder, or 'tiny' for the built-in tiny weights")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     gen.add_argument("--lora", type=Path, action="append", default=[], help="extra LoRA file (repeatable)")
@@ -59,20 +67,11 @@ def add_generate_parser(commands) -> None:
     run.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
                      help="split every step over N GPUs; launch with torchrun --nproc-per-node N")
     ext = gen.add_argument_group("extensions beyond the hosted API")
-    ext.add_argument("--audio-mode", choices=["add", "para"], default="add",
-                     help="add: speakers take turns (first, then second); para: both tracks play at once")
-    ext.add_argument("--speaker-box", type=_box, action="append", dest="speaker_boxes",
-                     help="x_min,y_min,x_max,y_max in image pixels, once per speaker in audio order")
-    ext.add_argument("--detect-speakers", action="store_true", help="place speakers from detected faces")
-    ext.add_argument("--negative-prompt")
-    ext.add_argument("--steps", type=int, help="override the preset's sampling steps")
-    ext.add_argument("--shift", type=float, help="override the schedule shift")
-    ext.add_argument("--text-scale", type=float, help="text guidance (1 = 2-pass guidance)")
-    ext.add_argument("--audio-scale", type=float, help="audio guidance")
-    ext.add_argument("--apg", action="store_true", help="adaptive projected guidance (less colour drift)")
-    ext.add_argument("--teacache-threshold", type=float, help="override the preset's TeaCache threshold")
-    ext.add_argument("--color-correction", type=float, default=1.0, help="strength of colour matching (0..1)")
-    ext.add_argument("--frame-size", type=_size, help="HEIGHTxWIDTH (multiples of 16) instead of the bucket")
+    for spec in OPTION_FIELDS:
+        if not spec.hosted:
+            add_request_flags(ext, spec)
+    ext.add_argument("--detect-speakers", dest=SPEAKER_PLACEMENT.name, action="store_const", const="faces",
+                     help="same as --speaker-placement faces")
     gen.set_defaults(handler=run_generate)
 
 
@@ -81,7 +80,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from model.contract.errors import GenerationCancelled, InputError
-    from model.pipeline import GenerationRequest, Pipeline
+    from model.contract.request import GenerationRequest
+    from model.pipeline import Pipeline
     from model.weights.streaming import WeightsError
     from model.weights.tiny import cached_tiny_weights
 
@@ -101,15 +101,9 @@ def run_generate(args: argparse.Namespace) -> int:
         if rank:  # every rank decodes the same video; rank 0 writes it
             output = args.out.with_name(f".{args.out.stem}.rank{rank}.mp4")
     weights = cached_tiny_weights() if args.weights == "tiny" else Path(args.weights)
-    audio = [args.audio] + ([args.audio2] if args.audio2 else [])
-    request = GenerationRequest(
-        image=args.image, audio=audio, prompt=args.prompt, output=output, num_frames=args.num_frames,
-        resolution=args.resolution, seed=seed, acceleration=args.acceleration,
-        use_only_first_audio=args.use_only_first_audio, audio_mode=args.audio_mode, speaker_boxes=args.speaker_boxes,
-        detect_speakers=args.detect_speakers, negative_prompt=args.negative_prompt, steps=args.steps,
-        shift=args.shift, text_scale=args.text_scale, audio_scale=args.audio_scale, use_apg=args.apg,
-        teacache_threshold=args.teacache_threshold, color_correction_strength=args.color_correction,
-        frame_size=args.frame_size,
+    request = GenerationRequest.from_inputs(
+        {spec.name: getattr(args, spec.name) for spec in MEDIA_FIELDS}, output,
+        {**{spec.name: getattr(args, spec.name) for spec in OPTION_FIELDS}, SEED.name: seed},
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:

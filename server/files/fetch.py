@@ -8,7 +8,8 @@ disk, or feed the decoders something that is not media at all. This module there
   uploaded to this server (read from disk, no round trip), and nothing else;
 * resolves every host itself, refuses non-public addresses on the first request and on every
   redirect (redirects are followed by hand for exactly this), and then connects to the vetted
-  address, not to the name (see `_send_pinned`), so DNS rebinding cannot swap it afterwards;
+  address, not to the name, so DNS rebinding cannot swap it afterwards (all three through
+  `server.files.safe_http`, which webhooks use too);
 * caps the size (a too-large Content-Length is refused up front; a body is cut off as soon as it
   passes the cap), and bounds connecting, each read, and the whole download in time;
 * decides what a file is from its first bytes, never from its name or Content-Type, refuses a
@@ -22,10 +23,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ipaddress
 import os
 import re
-import socket
 import tempfile
 from collections.abc import Set
 from dataclasses import dataclass
@@ -37,13 +36,13 @@ from urllib.parse import unquote_to_bytes
 import httpx
 
 from model.contract.errors import InputError
+from server.files import safe_http
 from server.files.store import FileStore, UnknownFile
 
 MiB = 1024 * 1024
 SNIFF_BYTES = 64  # enough for every signature below, including WebM's doctype and MP4's brands
 LOCAL_READ_BYTES = MiB
 DOWNLOAD_ERROR = "file_download_error"  # fal's error `type` for inputs that could not be fetched
-HTTP_SCHEMES = ("http", "https")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 Expect = Literal["image", "audio"]
@@ -55,7 +54,8 @@ class FetchSettings:
     """Limits for fetching inputs.
 
     `allowed_hosts` lists host names or IP addresses exempt from the private-address refusal: an
-    on-prem media server, or 127.0.0.1 in tests. Everything else must resolve to public addresses.
+    on-prem media server, or 127.0.0.1 in tests (the rule is `safe_http.is_allowed_host`). Everything
+    else must resolve to public addresses. Webhooks take the same settings for their receivers.
     """
 
     max_image_bytes: int = 30 * MiB
@@ -69,9 +69,6 @@ class FetchSettings:
 
     def max_bytes(self, expect: Expect) -> int:
         return self.max_image_bytes if expect == "image" else self.max_audio_bytes
-
-    def allows(self, host_or_address: str) -> bool:
-        return host_or_address.lower().rstrip(".") in {h.lower().rstrip(".") for h in self.allowed_hosts}
 
 
 @dataclass(frozen=True)
@@ -336,7 +333,7 @@ def _http_url(text: str, field: str, base: httpx.URL | None = None) -> httpx.URL
         url = base.join(text) if base is not None else httpx.URL(text)
     except httpx.InvalidURL as error:
         raise InputError(field, f"{where} not a valid URL ({error})") from None
-    if url.scheme not in HTTP_SCHEMES:
+    if url.scheme not in safe_http.HTTP_SCHEMES:
         shown = f"the unsupported URL scheme '{url.scheme}'" if url.scheme else "a URL without a scheme"
         raise InputError(field, f"{where} {shown}: use an http(s) URL or a data: URI")
     if not url.host:
@@ -348,55 +345,39 @@ async def _fetch_http(url: httpx.URL, download: _Download, settings: FetchSettin
     """Follow redirects by hand, vetting and pinning the address of every hop, then save the body."""
     field = download.field
     ssl_context = httpx.create_ssl_context()  # per fetch, so SSL_CERT_FILE changes apply
-    for _ in range(settings.max_redirects + 1):
-        addresses = await _vetted_addresses(url, field, settings)
-        # A transport per hop: its pool is keyed by IP, so sharing one could reuse a TLS connection
-        # made with another host's SNI and certificate.
-        async with httpx.AsyncHTTPTransport(verify=ssl_context) as transport:
-            try:
-                response = await _send_pinned(transport, url, addresses, settings)
-                try:
-                    if response.status_code in REDIRECT_STATUSES and "location" in response.headers:
-                        location = response.headers["location"]
-                    else:
-                        return await _save_body(response, download)
-                finally:
-                    await response.aclose()
-            except httpx.TransportError as error:
-                raise _transport_failure(error, url, field, settings) from None
-        url = _http_url(location, field, base=url)
-    raise InputError(field, f"too many redirects (more than {settings.max_redirects})", DOWNLOAD_ERROR)
-
-
-async def _send_pinned(
-    transport: httpx.AsyncHTTPTransport, url: httpx.URL, addresses: list[str], settings: FetchSettings
-) -> httpx.Response:
-    """GET `url` from the first vetted address that accepts a connection.
-
-    The request goes to the IP itself, so nothing resolves the name again, while the `Host` header
-    keeps the original name and port, and for https the `sni_hostname` extension makes httpcore
-    send the original name as SNI *and* verify the certificate against it. It goes straight to a
-    transport, not through `httpx.AsyncClient`: a client would also parse `Location` (and fail on
-    odd ones) and could pick up proxies from the environment, which would resolve the name again.
-    """
-    host = url.raw_host.decode("ascii")
     headers = {
-        "Host": url.netloc.decode("ascii"),
         "User-Agent": settings.user_agent,
         "Accept-Encoding": "identity",  # media gains nothing from compression, and a cap on decoded bytes is simpler
     }
     timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
-    extensions = {"timeout": timeout.as_dict()}
-    if url.scheme == "https" and not _is_ip_literal(host):
-        extensions["sni_hostname"] = host
-    failure: httpx.ConnectError | None = None
-    for address in addresses:
-        request = httpx.Request("GET", url.copy_with(host=address), headers=headers, extensions=extensions)
+    for _ in range(settings.max_redirects + 1):
+        addresses = await _vet(url, field, settings)
         try:
-            return await transport.handle_async_request(request)
-        except httpx.ConnectError as error:  # e.g. an IPv6 address on a host without IPv6 routing
-            failure = error
-    raise failure
+            # A fresh transport per hop (pinned_request makes one), and no client: see safe_http.
+            async with safe_http.pinned_request(
+                "GET", url, addresses, headers=headers, timeout=timeout, verify=ssl_context
+            ) as response:
+                if response.status_code in REDIRECT_STATUSES and "location" in response.headers:
+                    location = response.headers["location"]
+                else:
+                    return await _save_body(response, download)
+        except httpx.TransportError as error:
+            raise _transport_failure(error, url, field, settings) from None
+        url = _http_url(location, field, base=url)
+    raise InputError(field, f"too many redirects (more than {settings.max_redirects})", DOWNLOAD_ERROR)
+
+
+async def _vet(url: httpx.URL, field: str, settings: FetchSettings) -> list[str]:
+    """`safe_http.vetted_addresses`, its refusals as InputError: a host that does not resolve is a
+    download error, a private address is the caller's mistake (the default kind)."""
+    try:
+        return await safe_http.vetted_addresses(
+            url, allowed_hosts=settings.allowed_hosts, lookup_timeout=settings.connect_timeout
+        )
+    except safe_http.Unreachable as error:
+        raise InputError(field, error.reason, DOWNLOAD_ERROR) from None
+    except safe_http.Refused as error:
+        raise InputError(field, error.reason) from None
 
 
 async def _save_body(response: httpx.Response, download: _Download) -> FetchedFile:
@@ -422,66 +403,3 @@ def _transport_failure(error: httpx.TransportError, url: httpx.URL, field: str, 
     else:
         reason = f"the download from {host} broke off: {detail}"
     return InputError(field, reason, DOWNLOAD_ERROR)
-
-
-# -- address vetting ----------------------------------------------------------------------------
-
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-
-
-async def _resolve(host: str, port: int) -> list[str]:
-    """Every address the name resolves to (A and AAAA), in the resolver's preferred order."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
-
-
-async def _vetted_addresses(url: httpx.URL, field: str, settings: FetchSettings) -> list[str]:
-    """The host's addresses, or InputError if it does not resolve or *any* address is not public.
-
-    All records must pass, not just the first: otherwise a name with one public and one private
-    record would pass the check and still let the connection land on the private one.
-    """
-    host = url.raw_host.decode("ascii")
-    try:
-        addresses = await asyncio.wait_for(_resolve(host, url.port or _default_port(url)), settings.connect_timeout)
-    except asyncio.TimeoutError:
-        raise InputError(field, f"could not reach {url.host}: the name lookup timed out", DOWNLOAD_ERROR) from None
-    except (OSError, UnicodeError):
-        addresses = []
-    if not addresses:
-        raise InputError(field, f"could not reach {url.host}: the host name does not resolve", DOWNLOAD_ERROR)
-    if settings.allows(host):
-        return addresses
-    for address in addresses:
-        if not settings.allows(address) and not is_public_address(address):
-            raise InputError(field, f"points to a private or local network address ({address}), which is not allowed")
-    return addresses
-
-
-def is_public_address(address: str) -> bool:
-    """True for globally routable unicast addresses only.
-
-    Refused: loopback, RFC 1918 and fc00::/7 private, link-local (169.254/16 with the cloud
-    metadata service, fe80::/10), CGNAT 100.64/10, multicast, unspecified, reserved and
-    documentation ranges; IPv6 forms that embed an IPv4 address (mapped, 6to4, NAT64) are judged
-    by that address.
-    """
-    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id ("fe80::1%eth0")
-    if isinstance(ip, ipaddress.IPv6Address):
-        nat64 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None
-        embedded = ip.ipv4_mapped or ip.sixtofour or nat64
-        if embedded is not None:
-            return is_public_address(str(embedded))
-    return ip.is_global and not ip.is_multicast and not ip.is_reserved
-
-
-def _default_port(url: httpx.URL) -> int:
-    return 443 if url.scheme == "https" else 80
-
-
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

@@ -13,8 +13,9 @@ timeout or a non-2xx answer is retried with doubling, capped, jittered backoff, 
 times, always with the same body bytes: receivers must treat a repeated `request_id` as one event.
 Redirects are not followed. The URL is the caller's, and the server posts from inside its own
 network, so the host is resolved and refused if any of its addresses is not public (unless listed in
-`FetchSettings.allowed_hosts`), and the connection goes to the vetted address, as for inputs
-(`server.files.fetch`).
+`FetchSettings.allowed_hosts`), and the connection goes to the vetted address, through the same
+`server.files.safe_http` as input fetching: a private address is refused for good, a name that does
+not resolve is retried like any other failure.
 
 Signing. fal signs with Ed25519 keys published through JWKS; a self-hosted server has no key
 infrastructure, so it uses a shared secret instead. Every attempt carries the job's id, and with a
@@ -49,15 +50,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from model.contract.errors import InputError
-from server.files.fetch import (
-    DOWNLOAD_ERROR,
-    HTTP_SCHEMES,
-    FetchSettings,
-    _is_ip_literal,
-    _vetted_addresses,
-    is_public_address,
-)
+from server.files import safe_http
+from server.files.fetch import FetchSettings
 from server.jobs.store import COMPLETED, Job
 
 logger = logging.getLogger("multitalk.webhooks")
@@ -155,13 +149,13 @@ def check_webhook_url(url: str, allowed_hosts: Set[str] = frozenset()) -> str | 
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
         return f"not a valid URL ({exc})"
-    if parsed.scheme not in HTTP_SCHEMES:
+    if parsed.scheme not in safe_http.HTTP_SCHEMES:
         return f"the URL scheme must be http or https, not '{parsed.scheme}'" if parsed.scheme else "not an absolute URL"
     if not parsed.host:
         return "the URL has no host"
     host = parsed.host
-    allowed = FetchSettings(allowed_hosts=allowed_hosts).allows(host)
-    if _is_ip_literal(host) and not allowed and not is_public_address(host):
+    allowed = safe_http.is_allowed_host(host, allowed_hosts)
+    if safe_http.is_ip_literal(host) and not allowed and not safe_http.is_public_address(host):
         return f"points to a private or local network address ({host}), which is not allowed"
     return None
 
@@ -304,48 +298,25 @@ class WebhookSender:
         reason = check_webhook_url(delivery.url, self.settings.allowed_hosts)
         if reason is not None:
             raise _Refused(reason)
-        url = httpx.URL(delivery.url)
+        return asyncio.run(self._post_to_vetted(httpx.URL(delivery.url), delivery))
+
+    async def _post_to_vetted(self, url: httpx.URL, delivery: _Delivery) -> str | None:
+        """`_post` after the URL check: vet the host's addresses, then POST to one of them (a fresh
+        transport per attempt: webhooks are rare, see `safe_http.pinned_request`)."""
         try:
-            addresses = asyncio.run(_vetted_addresses(url, "webhook_url", self.settings))
-        except InputError as exc:
-            if exc.kind != DOWNLOAD_ERROR:  # a private address: refused, not unreachable
-                raise _Refused(exc.reason) from None
+            addresses = await safe_http.vetted_addresses(
+                url, allowed_hosts=self.settings.allowed_hosts, lookup_timeout=self.settings.connect_timeout)
+        except safe_http.Refused as exc:  # a private address: refused, not unreachable
+            raise _Refused(exc.reason) from None
+        except safe_http.Unreachable as exc:  # the name may resolve later
             return exc.reason
-        headers = {"Host": url.netloc.decode("ascii"), "Content-Type": "application/json", "User-Agent": USER_AGENT,
-                   REQUEST_ID_HEADER: delivery.request_id}
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, REQUEST_ID_HEADER: delivery.request_id}
         if self.secret is not None:
             headers.update(signature_headers(self.secret, delivery.body))
         try:
-            status = _post_pinned(url, addresses, delivery.body, headers, self.timeout)
+            async with safe_http.pinned_request("POST", url, addresses, headers=headers, timeout=self.timeout,
+                                                content=delivery.body) as response:
+                status = response.status_code
         except httpx.TransportError as exc:  # connection failures and timeouts
             return f"{type(exc).__name__}: {exc}"
         return None if 200 <= status < 300 else f"the receiver answered {status}"
-
-
-def _post_pinned(url: httpx.URL, addresses: list[str], body: bytes, headers: dict[str, str],
-                 timeout: httpx.Timeout) -> int:
-    """POST to the first vetted address that accepts a connection; the answer's status code.
-
-    As in `input_fetch._send_pinned`: the request goes to the IP, so the name is not resolved again
-    (no DNS rebinding), with the original name in `Host` and, for https, as SNI and the name the
-    certificate is checked against; straight to a transport, so no redirect is followed and no
-    proxy from the environment applies. A fresh transport per attempt: webhooks are rare, and a
-    pool keyed by IP could reuse a TLS connection made for another name.
-    """
-    host = url.raw_host.decode("ascii")
-    extensions: dict[str, Any] = {"timeout": timeout.as_dict()}
-    if url.scheme == "https" and not _is_ip_literal(host):
-        extensions["sni_hostname"] = host
-    with httpx.HTTPTransport() as transport:
-        failure: httpx.ConnectError | None = None
-        for address in addresses:
-            request = httpx.Request("POST", url.copy_with(host=address), headers=headers, content=body,
-                                    extensions=extensions)
-            try:
-                response = transport.handle_request(request)
-            except httpx.ConnectError as exc:  # e.g. an IPv6 address on a host without IPv6 routing
-                failure = exc
-                continue
-            response.close()
-            return response.status_code
-        raise failure

@@ -1,7 +1,7 @@
 """A worker: owns one GPU's pipeline, takes jobs from the shared store one at a time, runs them.
 
-Per job: fetch the inputs (URLs, data URIs, this server's own uploads), build the `GenerationRequest`,
-run the pipeline with progress written to the job's logs and the store's cancel flag checked between
+Per job: build the `GenerationRequest` from the options and stored input files the API recorded
+(`server.api.submission`; the worker never fetches a URL), run the pipeline with progress written to the job's logs and the store's cancel flag checked between
 steps, keep the lease alive from a side thread, then record the response the result URL returns:
 `{"status_code": 200, "body": {"video": File, "seed": n}}`, or the fal-format error body (422 for an
 input that turned out unusable, 500 for a failure), or a cancellation. Nothing here imports torch at
@@ -10,7 +10,6 @@ import time; the pipeline object is handed in.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
@@ -23,11 +22,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from model.contract.errors import GenerationCancelled, InputError
-from model.contract.fields import seed_or_random
+from model.contract.request import GenerationRequest
 from server.api.errors import input_error_body
-from server.api.schemas import AvatarMultiInput, to_generation_options
-from server.files.fetch import FetchSettings, fetch_input
-from server.files.store import FileStore
+from server.files.store import FileStore, UnknownFile
 from server.jobs import Job, JobStore
 from server.jobs.maintenance import sweep_expired_leases
 
@@ -39,7 +36,6 @@ class WorkerSettings:
     lease_s: float = 60.0  # a worker that stops renewing for this long is presumed dead
     poll_s: float = 1.0  # wait between claims when the queue is empty
     max_attempts: int = 2  # runs a job gets when its workers keep dying
-    fetch: FetchSettings = field(default_factory=FetchSettings)
     # GenerationRequest fields forced on every job (frame_size, steps): previews and CPU demos.
     request_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -99,6 +95,7 @@ class Worker:
         if job is None:
             return False
         logger.info("job started id=%s attempt=%d", job.id, job.attempts)
+        self._log(job, f"started on worker {self.worker_id} (attempt {job.attempts})")
         self.current_job_id = job.id
         try:
             with LeaseKeeper(self.store, job.id, self.worker_id, self.settings.lease_s) as lease:
@@ -118,15 +115,8 @@ class Worker:
     def _run(self, job: Job, lease: LeaseKeeper) -> tuple[str, dict | None, str | None, str | None]:
         workdir = Path(tempfile.mkdtemp(prefix=f"multitalk-job-{job.id[:8]}-"))
         try:
-            request_input = AvatarMultiInput.model_validate(job.input)
-            seed = seed_or_random(request_input.seed)
-            self._log(job, "fetching inputs")
-            image, audio = asyncio.run(self._fetch(request_input, workdir))
-            from model.pipeline import GenerationRequest  # torch only in the worker process
-
-            request = GenerationRequest(image=image, audio=audio, output=workdir / "output.mp4",
-                                        **{**to_generation_options(request_input, seed),
-                                           **self.settings.request_overrides})
+            request = GenerationRequest.from_inputs(self._stored_inputs(job), workdir / "output.mp4",
+                                                    {**job.input["options"], **self.settings.request_overrides})
 
             def progress(event) -> None:
                 self._log(job, event.message)
@@ -156,12 +146,13 @@ class Worker:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    async def _fetch(self, request_input: AvatarMultiInput, workdir: Path) -> tuple[Path, list[Path]]:
-        settings = self.settings.fetch
-        image = fetch_input(request_input.image_url, "image_url", workdir, settings, self.files, expect="image")
-        urls = [("first_audio_url", request_input.first_audio_url)]
-        if request_input.second_audio_url and not request_input.use_only_first_audio:
-            urls.append(("second_audio_url", request_input.second_audio_url))
-        audio = [fetch_input(url, name, workdir, settings, self.files, expect="audio") for name, url in urls]
-        fetched = await asyncio.gather(image, *audio)
-        return fetched[0].path, [f.path for f in fetched[1:]]
+    def _stored_inputs(self, job: Job) -> dict[str, Path]:
+        """The job's input files as the API stored them, by request field."""
+        paths = {}
+        for name, file_id in job.input["files"].items():
+            try:
+                paths[name] = self.files.path_for(file_id)
+            except UnknownFile:
+                raise InputError(name, "the stored input file is gone (deleted, or kept past its retention time)") \
+                    from None
+        return paths

@@ -91,11 +91,9 @@ class Heartbeat:
         self.services.store.forget_worker(self.worker_id)
 
 
-def worker_settings(settings: Settings, services: Services) -> WorkerSettings:
-    overrides = {name: value for name, value in (("frame_size", settings.frame_size), ("steps", settings.steps))
-                 if value is not None}
-    return WorkerSettings(lease_s=settings.lease_s, max_attempts=settings.max_attempts, fetch=services.fetch,
-                          request_overrides=overrides)
+def worker_settings(settings: Settings) -> WorkerSettings:
+    return WorkerSettings(lease_s=settings.lease_s, max_attempts=settings.max_attempts,
+                          request_overrides=settings.request_overrides)
 
 
 def run_worker(settings: Settings, services: Services, stop: threading.Event) -> None:
@@ -124,7 +122,7 @@ def run_worker(settings: Settings, services: Services, stop: threading.Event) ->
             heartbeat.update(state="failed", error=f"{type(exc).__name__}: {exc}")
             stop.wait()
             return
-        worker = Worker(services.store, pipeline, services.files, worker_settings(settings, services), worker_id,
+        worker = Worker(services.store, pipeline, services.files, worker_settings(settings), worker_id,
                         on_completed=services.job_completed)
         heartbeat.worker = worker
         heartbeat.update(state="ready")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from model.contract.errors import GenerationCancelled, InputError
-from model.pipeline import GenerationRequest
+from model.contract.request import GenerationRequest
 
 from media_probe import ffprobe_or_skip, probe
 from repo_paths import REPO_ROOT
@@ -22,8 +22,8 @@ SMALL = (64, 128)  # (H, W): every stage runs, at a size the CPU does in seconds
 def _request(inputs, out: Path, **options) -> GenerationRequest:
     defaults = dict(num_frames=41, steps=1, frame_size=SMALL, seed=7)
     defaults.update(options)
-    return GenerationRequest(inputs["image"], [inputs["audio1"], inputs["audio2"]], "two people talking", out,
-                             **defaults)
+    return GenerationRequest(image=inputs["image"], audio=[inputs["audio1"], inputs["audio2"]], output=out,
+                             prompt="two people talking", **defaults)
 
 
 def _assert_video(path: Path, frames: int, size=SMALL):
@@ -39,12 +39,14 @@ def _assert_video(path: Path, frames: int, size=SMALL):
 
 
 @pytest.mark.parametrize("frames", [41, 181, 241])
+@pytest.mark.slow
 def test_two_speakers_exact_frame_count_with_sound(tiny_pipeline, example_inputs, tmp_path, frames):
     result = tiny_pipeline.generate(_request(example_inputs, tmp_path / "v.mp4", num_frames=frames))
     assert result.num_frames == frames
     _assert_video(result.video, frames)
 
 
+@pytest.mark.slow
 def test_one_speaker_and_use_only_first_audio(tiny_pipeline, example_inputs, tmp_path):
     single = _request(example_inputs, tmp_path / "one.mp4", num_frames=61)
     single.audio = [example_inputs["audio1"]]
@@ -53,23 +55,27 @@ def test_one_speaker_and_use_only_first_audio(tiny_pipeline, example_inputs, tmp
     _assert_video(tiny_pipeline.generate(first_only).video, 41)
 
 
+@pytest.mark.slow
 def test_720p_uses_its_schedule_shift(tiny_pipeline, example_inputs, tmp_path):
     result = tiny_pipeline.generate(_request(example_inputs, tmp_path / "720.mp4", resolution="720p"))
     assert "shift=11" in result.settings
     _assert_video(result.video, 41)
 
 
+@pytest.mark.slow
 def test_para_mode_with_unequal_tracks_and_explicit_boxes(tiny_pipeline, example_inputs, tmp_path):
     request = _request(example_inputs, tmp_path / "para.mp4", audio_mode="para",
                        speaker_boxes=[(100, 100, 600, 720), (700, 100, 1200, 720)])
     _assert_video(tiny_pipeline.generate(request).video, 41)
 
 
+@pytest.mark.slow
 def test_face_detection_falls_back_to_halves(tiny_pipeline, example_inputs, tmp_path):
-    request = _request(example_inputs, tmp_path / "faces.mp4", detect_speakers=True)
+    request = _request(example_inputs, tmp_path / "faces.mp4", speaker_placement="faces")
     _assert_video(tiny_pipeline.generate(request).video, 41)
 
 
+@pytest.mark.slow
 def test_same_seed_same_video_other_seed_other_video(tiny_pipeline, example_inputs, tmp_path):
     a = tiny_pipeline.generate(_request(example_inputs, tmp_path / "a.mp4", steps=2))
     b = tiny_pipeline.generate(_request(example_inputs, tmp_path / "b.mp4", steps=2))
@@ -78,6 +84,7 @@ def test_same_seed_same_video_other_seed_other_video(tiny_pipeline, example_inpu
     assert a.video.read_bytes() != c.video.read_bytes()
 
 
+@pytest.mark.slow
 def test_progress_reports_every_step_and_cancel_stops_between_steps(tiny_pipeline, example_inputs, tmp_path):
     events = []
     tiny_pipeline.generate(_request(example_inputs, tmp_path / "p.mp4", num_frames=181, steps=2), events.append)
@@ -92,6 +99,7 @@ def test_progress_reports_every_step_and_cancel_stops_between_steps(tiny_pipelin
     assert not (tmp_path / "x.mp4").exists() and not list(tmp_path.glob(".x.mp4*"))
 
 
+@pytest.mark.slow
 def test_real_480p_bucket_end_to_end(tiny_pipeline, example_inputs, tmp_path):
     """The 16:9 example image in the 480p table: 448 × 896, the size users get."""
     request = _request(example_inputs, tmp_path / "480p.mp4", frame_size=None, acceleration="none")
@@ -150,6 +158,7 @@ def test_every_bad_input_is_an_error_naming_the_field(tiny_pipeline, example_inp
     assert not (tmp_path / "never.mp4").exists()
 
 
+@pytest.mark.slow
 def test_cli_generate_writes_the_video_and_reports_bad_input(tiny_weights, example_inputs, tmp_path):
     common = [sys.executable, "-m", "server.cli.main", "generate", "--weights", str(tiny_weights["multitalk"]),
               "--image", str(example_inputs["image"]), "--audio", str(example_inputs["audio1"]),

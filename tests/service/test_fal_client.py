@@ -25,6 +25,8 @@ from local_servers import free_port
 from media_probe import ffprobe_or_skip, probe
 from server_harness import Cluster
 
+pytestmark = [pytest.mark.service, pytest.mark.slow]
+
 APP = "fal-ai/ai-avatar/multi"
 WEBHOOK_SECRET = "test-webhook-secret"
 

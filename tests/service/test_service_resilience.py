@@ -7,14 +7,20 @@ and, for attempts and worker ids, through the job store itself.
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
+import threading
 from collections import Counter
+from pathlib import Path
 
 import httpx
+import pytest
 
 from server.jobs import WORKER_LOST, open_job_store
 
 from server_harness import Cluster
+
+pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 QUEUE_SUBMIT = "/queue/fal-ai/ai-avatar/multi"
 
@@ -68,7 +74,7 @@ def test_two_workers_on_one_redis_share_the_queue_without_running_a_job_twice(tm
         store = open_job_store(redis_url, cluster.data_dir)
         jobs = [store.get(i) for i in ids]
         assert all(job.attempts == 1 for job in jobs)  # claimed once each
-        runs = [sum(log["message"] == "fetching inputs" for log in store.logs(i)) for i in ids]
+        runs = [sum(log["message"].startswith("started on worker") for log in store.logs(i)) for i in ids]
         assert runs == [1] * len(ids)  # and run once each
         assert len({job.worker_id for job in jobs}) == 2  # both workers took jobs
         store.close()
@@ -157,3 +163,64 @@ def test_a_flood_of_submits_is_either_queued_and_completed_or_refused_with_429(t
         assert seeds == accepted_seeds  # each accepted request produced its own video
     finally:
         cluster.stop_all()
+
+
+class _MediaHost:
+    """A plain HTTP server on 127.0.0.1 serving the example inputs, counting the requests it answers."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files, self.hits = files, Counter()
+        host = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the stdlib's name
+                name = self.path.lstrip("/")
+                if name not in host.files:
+                    self.send_error(404)
+                    return
+                host.hits[name] += 1
+                data = host.files[name].read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{name}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_queued_job_completes_from_its_stored_inputs_after_the_input_urls_stop_answering(tmp_path, tiny_weights,
+                                                                                           example_inputs):
+    """The API fetches and keeps the inputs at submit; the worker reads them from the file store, never the URLs."""
+    media = _MediaHost({"image.png": example_inputs["image"], "first.wav": example_inputs["audio1"],
+                        "second.wav": example_inputs["audio2"]})
+    cluster = _cluster(tmp_path, tiny_weights, MULTITALK_FETCH_ALLOWED_HOSTS="127.0.0.1")
+    try:
+        cluster.start_api(workers=0)
+        request_id = _submit(cluster, {"image_url": media.url("image.png"), "first_audio_url": media.url("first.wav"),
+                                       "second_audio_url": media.url("second.wav"), "prompt": "two people talk",
+                                       "num_frames": 41})
+        media.stop()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(media.url("image.png"), timeout=5)
+        cluster.start_worker()
+        status = _wait_completed(cluster, [request_id])[request_id]
+        assert "error" not in status, status
+        result = httpx.get(f"{cluster.url}/queue/fal-ai/ai-avatar/requests/{request_id}", timeout=10).json()
+        video = httpx.get(result["video"]["url"], timeout=30)
+        assert video.status_code == 200 and video.content[4:8] == b"ftyp"
+        assert media.hits == {"image.png": 1, "first.wav": 1, "second.wav": 1}  # fetched once, by the API
+    finally:
+        cluster.stop_all()
+        media.stop()

@@ -5,11 +5,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from repo_paths import REPO_ROOT
+
+pytestmark = [pytest.mark.slow]
 
 SCRIPT = REPO_ROOT / "scripts" / "benchmark.py"
 PRESETS = ("none", "regular", "high", "regular-teacache", "high-teacache")

@@ -3,14 +3,15 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import GOLDEN_DIR
 
 from tools.golden import RUNNERS, GoldenFolder, run_check
 
+from conftest import GOLDEN_DIR
 from repo_paths import REPO_ROOT
+
+pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
 
 def _implemented_checks() -> list[str]:

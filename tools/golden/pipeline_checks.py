@@ -128,7 +128,7 @@ def run_teacache_decisions(folder: GoldenFolder, check: dict) -> list:
     order = p["call_order"]
     config = TeaCacheConfig.for_run(_resolution(p["model_scale"]), p["teacache_thresh"], p["sample_steps"],
                                     p["use_ret_steps"])
-    cache = TeaCache(config, [c["branch"] for c in order])
+    cache = TeaCache(config, [c["branch"] for c in order], record_decisions=True)
     texts = [F.pad(value[c["context"]], (0, 0, 0, TEXT_LEN - value[c["context"]].shape[0])) for c in order]
     # The null-audio pass reads only the first stream (num_speakers 1): one all-zero stream, as the original's.
     streams = [audio if c["audio"] == "audio" else torch.zeros_like(audio) for c in order]

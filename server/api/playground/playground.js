@@ -3,6 +3,17 @@
 "use strict";
 
 const SUBMIT_PATH = "/queue/fal-ai/ai-avatar/multi";
+// The request's limits, choices and defaults are declared once, in the request contract; the page reads
+// them from the OpenAPI schema the server generates from it. Relative to the page, so a path prefix keeps.
+const SCHEMA_PATH = "openapi.json";
+const INPUT_SCHEMA = "AvatarMultiInput";
+const NUMBER_FIELDS = ["num_frames", "seed"];
+const CHOICE_FIELDS = ["resolution", "acceleration", "audio_mode"];
+// Only words for the menus; which entries exist, their order and the default are the schema's.
+const CHOICE_LABELS = {
+  acceleration: { none: "none (most steps)", high: "high (fewest steps)" },
+  audio_mode: { add: "add: take turns", para: "para: speak at once" },
+};
 const KEY_STORAGE = "multitalk.apiKey";
 const HISTORY_STORAGE = "multitalk.history";
 const HISTORY_MAX = 50;
@@ -18,6 +29,7 @@ const state = {
   boxes: [null, null], // [x_min, y_min, x_max, y_max] in image pixels, per speaker
   drag: null,
   followToken: 0,   // bumped to stop following the previous request
+  schema: null,     // a Promise of true once the options are applied from the server's schema, false if not
 };
 
 // ---- API calls -------------------------------------------------------------------------------------
@@ -59,6 +71,70 @@ async function upload(file) {
   });
   if (!put.ok) throw new ApiError(put, await readBody(put));
   return file_url;
+}
+
+// ---- request options from the server's schema -----------------------------------------------------
+
+function fieldSchema(properties, name) {
+  // A nullable field (seed) is {anyOf: [{type, minimum, ...}, {type: "null"}], default, ...}.
+  const property = properties[name];
+  if (!property) throw new Error(`${INPUT_SCHEMA} has no field ${name}`);
+  const variant = (property.anyOf || []).find((entry) => entry.type !== "null") || {};
+  return { ...variant, ...property };
+}
+
+function applyNumberField(name, spec) {
+  const input = $(name);
+  if (typeof spec.minimum !== "number" || typeof spec.maximum !== "number") {
+    throw new Error(`${INPUT_SCHEMA}.${name} has no minimum and maximum`);
+  }
+  input.min = String(spec.minimum);
+  input.max = String(spec.maximum);
+  // The default value: it shows unless the user has already typed into the field.
+  input.defaultValue = spec.default == null ? "" : String(spec.default);
+  $(`${name}-hint`).textContent = `${spec.minimum}–${spec.maximum}${name === "num_frames" ? `, ${FPS} fps` : ""}`;
+}
+
+function applyChoiceField(name, spec) {
+  if (!Array.isArray(spec.enum) || !spec.enum.length) throw new Error(`${INPUT_SCHEMA}.${name} has no enum`);
+  const labels = CHOICE_LABELS[name] || {};
+  const selected = spec.enum.includes(spec.default) ? spec.default : spec.enum[0];
+  $(name).replaceChildren(...spec.enum.map((value) => {
+    const label = labels[value] || String(value);
+    return new Option(label, value, value === selected, value === selected);
+  }));
+}
+
+function applySchema(openapi) {
+  const model = openapi && openapi.components && openapi.components.schemas && openapi.components.schemas[INPUT_SCHEMA];
+  if (!model || !model.properties) throw new Error(`the schema has no ${INPUT_SCHEMA}`);
+  for (const name of NUMBER_FIELDS) applyNumberField(name, fieldSchema(model.properties, name));
+  for (const name of CHOICE_FIELDS) applyChoiceField(name, fieldSchema(model.properties, name));
+  showFrameSeconds();
+}
+
+async function loadSchema() {
+  const form = $("form"), status = $("schema-status");
+  try {
+    const response = await fetch(SCHEMA_PATH, { headers: { Accept: "application/json" } });
+    const body = await readBody(response);
+    if (!response.ok) throw new ApiError(response, body);
+    if (!body || typeof body !== "object") throw new Error("the answer is not JSON");
+    applySchema(body);
+    form.dataset.schema = "ready";
+    status.hidden = true;
+    status.textContent = "";
+    return true;
+  } catch (error) {
+    form.dataset.schema = "failed";
+    status.hidden = false;
+    status.className = "schema-status failed";
+    status.textContent = `Could not load the request options (limits, choices, defaults) from the server's `
+      + `schema, ${new URL(SCHEMA_PATH, document.baseURI).pathname}: ${error.message}. `
+      + "Nothing can be submitted; reload the page to try again.";
+    $("submit").disabled = true;
+    return false;
+  }
 }
 
 // ---- image preview and speaker regions ------------------------------------------------------------
@@ -295,6 +371,12 @@ async function submit(event) {
   const button = $("submit");
   button.disabled = true;
   try {
+    // Submitted before the options arrived: wait for them (the selects are empty until then).
+    if ($("form").dataset.schema === "loading") button.textContent = "Loading options…";
+    if (!await state.schema) {
+      $("form-error").textContent = "The request options could not be loaded from the server; reload the page.";
+      return;
+    }
     button.textContent = "Uploading…";
     const body = collectOptions();
     body.image_url = await upload(image);
@@ -319,7 +401,7 @@ async function submit(event) {
       $("form-error").textContent = `Could not submit: ${error.message}`;
     }
   } finally {
-    button.disabled = false;
+    button.disabled = $("form").dataset.schema === "failed";
     button.textContent = "Generate";
   }
 }
@@ -520,6 +602,7 @@ function init() {
   $("form").addEventListener("submit", submit);
   $("history-clear").addEventListener("click", () => storeHistory([]));
 
+  state.schema = loadSchema();
   showFrameSeconds();
   drawPreview();
   renderHistory();

@@ -116,6 +116,35 @@ def test_resample_to_16k_keeps_length_and_pitch(rate):
     assert np.corrcoef(out[inner], ideal[inner])[0, 1] > 0.999
 
 
+def test_resample_is_librosa_soxr_hq_bit_for_bit_on_stereo_44k(stereo_source):
+    """librosa's recipe, pinned: soxr HQ per channel, then zero-pad or cut to ceil(n · 16000 / 44100)."""
+    import librosa
+    import soxr
+
+    _, source = stereo_source
+    source = source[:, :-7]  # an odd length, so the length fix matters
+    out = resample(source, SOURCE_RATE)
+    assert out.dtype == np.float32 and out.shape == (2, int(np.ceil(source.shape[1] * SAMPLE_RATE / SOURCE_RATE)))
+    want = librosa.resample(source, orig_sr=SOURCE_RATE, target_sr=SAMPLE_RATE, res_type="soxr_hq")
+    np.testing.assert_array_equal(out, want)
+    n = out.shape[1]
+    for channel in range(2):
+        raw = soxr.resample(source[channel], SOURCE_RATE, SAMPLE_RATE, quality="soxr_hq")
+        np.testing.assert_array_equal(out[channel], np.pad(raw, (0, max(0, n - len(raw))))[:n])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # audioread, which librosa.load imports, uses aifc/sunau
+def test_decode_mono_resample_equals_librosa_load(stereo_source):
+    """The original's `librosa.load(path, sr=16000)` (soundfile back-end for WAV), bit for bit."""
+    import librosa
+
+    path, _ = stereo_source
+    samples, rate = decode_audio(path, "first_audio_url")
+    want, want_rate = librosa.load(path, sr=SAMPLE_RATE)
+    assert want_rate == SAMPLE_RATE
+    np.testing.assert_array_equal(resample(to_mono(samples), rate), want)
+
+
 def test_resample_at_the_same_rate_is_a_no_op():
     samples = tone(440, 0.5, SAMPLE_RATE)
     assert resample(samples, SAMPLE_RATE) is samples

@@ -8,9 +8,11 @@ from model.network.audio_attention import apply_rope_1d, label_rope_positions
 from model.network.configs import MULTITALK_14B
 from model.network.reference_attention import reference_attention_map, reference_attention_map_explicit
 from model.network.transformer_multitalk import MultiTalkTransformer3DModel, MultiTalkTransformerBlock
-from model.sampling.guidance import GuidanceCombiner, GuidanceConfig, GuidanceInputs, guided_velocity
+from model.sampling.guidance import GuidanceCombiner, GuidanceConfig, guided_velocity
 from model.weights.keymaps import original_dit_key_map
 from model.weights.layout import find_layout, load_transformer
+
+from guidance_inputs import tiny_guidance_inputs
 
 
 def published_14b_shapes() -> dict[str, tuple[int, ...]]:
@@ -69,27 +71,11 @@ def tiny_transformer(tiny_weights):
     return load_transformer(find_layout(tiny_weights["multitalk"]), torch.float32)
 
 
-def _guidance_inputs(model, speakers: int, generator: torch.Generator) -> GuidanceInputs:
-    cfg = model.config
-    masks = torch.zeros(3, 8, 8)
-    masks[0, :, :4], masks[1, :, 4:] = 1, 1
-    masks[2] = 1 - masks[0] - masks[1]
-    masks[2, 0] = 1
-    masks[0, 0], masks[1, 0] = 0, 0
-    return GuidanceInputs(
-        context=torch.randn(7, cfg.text_dim, generator=generator),
-        negative_context=torch.randn(5, cfg.text_dim, generator=generator),
-        image_features=torch.randn(1, 257, cfg.image_dim, generator=generator),
-        audio=torch.randn(speakers, 9, cfg.audio_window, cfg.audio_layers, cfg.audio_dim, generator=generator),
-        ref_target_masks=masks if speakers == 2 else torch.ones(3, 8, 8),
-    )
-
-
 @pytest.mark.parametrize("speakers", [1, 2])
 @pytest.mark.parametrize("text_scale", [5.0, 1.0])
 def test_batched_guidance_equals_sequential_passes(tiny_transformer, speakers, text_scale):
     generator = torch.Generator().manual_seed(speakers)
-    inputs = _guidance_inputs(tiny_transformer, speakers, generator)
+    inputs = tiny_guidance_inputs(tiny_transformer, speakers, generator)
     latent = torch.randn(1, 36, 3, 8, 8, generator=generator)
     timestep = torch.tensor([700.0])
     kwargs = inputs.transformer_kwargs(text_scale)
@@ -137,7 +123,7 @@ def test_rope_1d_at_position_zero_is_identity_and_preserves_norm():
 
 
 def test_more_than_two_speakers_is_rejected(tiny_transformer):
-    inputs = _guidance_inputs(tiny_transformer, 2, torch.Generator().manual_seed(0))
+    inputs = tiny_guidance_inputs(tiny_transformer, 2, torch.Generator().manual_seed(0))
     audio = torch.cat([inputs.audio, inputs.audio[:1]])[None]
     with pytest.raises(ValueError, match="1 or 2 speakers"):
         tiny_transformer(torch.randn(1, 36, 3, 8, 8), torch.tensor([500.0]), inputs.context[None],
@@ -149,7 +135,7 @@ def test_block_is_registered_for_diffusers_cache_hooks_and_backends(tiny_transfo
     from diffusers.hooks._helpers import TransformerBlockRegistry
 
     assert TransformerBlockRegistry.get(MultiTalkTransformerBlock).return_hidden_states_index == 0
-    batch_kwargs = _guidance_inputs(tiny_transformer, 2, torch.Generator().manual_seed(3)).transformer_kwargs(5.0)
+    batch_kwargs = tiny_guidance_inputs(tiny_transformer, 2, torch.Generator().manual_seed(3)).transformer_kwargs(5.0)
     latent = torch.randn(1, 36, 3, 8, 8)
     reference = guided_velocity(tiny_transformer, latent, torch.tensor([900.0]), batch_kwargs, GuidanceCombiner(GuidanceConfig()))
     tiny_transformer.set_attention_backend("_native_math")

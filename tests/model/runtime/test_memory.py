@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
-from test_transformer import _guidance_inputs
 
 from model.network.audio_attention import AudioConditioning
-from model.runtime.execution import ExecutionOptions
 from model.runtime.memory import apply_offload, apply_weight_storage, is_block_linear, prepare_memory
 from model.weights.layout import find_layout, load_transformer
+
+from guidance_inputs import tiny_guidance_inputs
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
@@ -26,7 +26,7 @@ def _model(tiny_weights, dtype=torch.float32):
 def _velocity(model, dtype=torch.float32) -> torch.Tensor:
     """Raw predictions [3, 16, 3, 8, 8] of one batched cond / drop-text / uncond forward."""
     generator = torch.Generator().manual_seed(0)
-    kwargs = _guidance_inputs(model, 2, generator).transformer_kwargs(5.0, dtype)
+    kwargs = tiny_guidance_inputs(model, 2, generator).transformer_kwargs(5.0, dtype)
     latent = torch.randn(1, 36, 3, 8, 8, generator=generator).to(dtype).expand(3, -1, -1, -1, -1)
     with torch.no_grad():
         return model(latent, torch.tensor([700.0]).expand(3), **kwargs).sample
@@ -188,9 +188,9 @@ def test_quantised_modes_say_how_to_install_torchao(tiny_weights, monkeypatch, m
 @pytest.mark.parametrize("weights", ["int8", "fp8-storage"])
 def test_prepare_memory_quantises_then_offloads(tiny_weights, weights):
     quantised = _model(tiny_weights)
-    prepare_memory(quantised, ExecutionOptions(weights=weights), "cpu")
+    prepare_memory(quantised, weights, "none", "cpu")
     model = _model(tiny_weights)
-    prepare_memory(model, ExecutionOptions(weights=weights, offload="blocks"), "cpu")
+    prepare_memory(model, weights, "blocks", "cpu")
     assert torch.equal(_velocity(model), _velocity(quantised))  # quantised weights move with their blocks
 
 

@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +11,8 @@ from model.network.sequence_parallel import LocalTokens
 
 from parallel_forward import tiny_transformer, velocities
 from repo_paths import REPO_ROOT
+
+pytestmark = [pytest.mark.slow]
 
 
 def test_two_ranks_under_torchrun_match_one_process(tiny_weights, tmp_path):

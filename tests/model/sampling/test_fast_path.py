@@ -48,6 +48,7 @@ def reference_transformer(tiny_weights):
 
 
 @pytest.mark.parametrize("speakers,text_scale", [(2, 5.0), (2, 1.0), (1, 5.0)])
+@pytest.mark.slow
 def test_fast_path_video_equals_the_reference_schedule(tiny_pipeline, reference_transformer, speakers, text_scale):
     fast = _frames(tiny_pipeline, tiny_pipeline.components.transformer, speakers, text_scale, batched=True)
     plain = _frames(tiny_pipeline, reference_transformer, speakers, text_scale, batched=False)
@@ -86,6 +87,7 @@ def test_attention_backend_choice():
         choose_attention_backend("cpu", "flash")
 
 
+@pytest.mark.slow
 def test_compiled_blocks_give_the_same_velocity(tiny_weights, tiny_pipeline):
     """Regional torch.compile (inductor on the CPU here) through the pipeline's warm-up and a real clip."""
     from model.pipeline import Pipeline
@@ -129,9 +131,11 @@ def test_auto_attention_order_on_cuda_prefers_exact_fast_kernels(monkeypatch):
         choose_attention_backend("cuda", "sage")
 
 
+@pytest.mark.slow
 def test_offloaded_pipeline_keeps_the_text_encoder_in_cpu_memory_and_makes_the_same_video(
         tiny_weights, tiny_pipeline, example_inputs, tmp_path):
-    from model.pipeline import GenerationRequest, Pipeline, visiting
+    from model.contract.request import GenerationRequest
+    from model.pipeline import Pipeline, visiting
 
     offloaded = Pipeline.from_weights(tiny_weights["multitalk"], execution=ExecutionOptions(offload="blocks"))
     assert offloaded.execution.text_encoder_on_cpu and not tiny_pipeline.execution.text_encoder_on_cpu

@@ -57,13 +57,22 @@ def _run(cache: TeaCache, signals: list[float], batch: int):
 def test_teacache_two_pass_keeps_each_branch_on_its_own_schedule():
     config = TeaCacheConfig(threshold=1.0, coefficients=(1.0, 0.0), warmup_steps=2, cutoff_step=None,
                             use_timestep_proj=True)
-    cache = TeaCache(config, ["cond", "drop_audio"])
+    cache = TeaCache(config, ["cond", "drop_audio"], record_decisions=True)
     # rel. L1 changes: step 2: 0.1, step 3: 0.1 (acc 0.2 < 1 → skip), step 4: 1.0 (acc 1.2 → compute)
     runs, outputs = _run(cache, [1.0, 1.0, 1.1, 1.21, 2.42], batch=2)
     decisions = [(d.branch, d.call, d.computed) for d in cache.decisions]
     assert decisions == [(b, i, c) for i, c in enumerate([True, True, False, False, True]) for b in ("cond", "drop_audio")]
     assert len(runs) == 3
     assert all(torch.equal(o, torch.ones_like(o)) for o in outputs)  # a skip replays the stored residual
+
+
+def test_teacache_records_decisions_only_when_asked():
+    """A request's cache keeps no per-call diagnostics; only parity checks and tests ask for them."""
+    config = TeaCacheConfig(threshold=1.0, coefficients=(1.0, 0.0), warmup_steps=1, cutoff_step=None,
+                            use_timestep_proj=True)
+    cache = TeaCache(config, ["cond"])
+    _run(cache, [1.0, 1.0, 1.1], batch=1)
+    assert cache.decisions is None
 
 
 def test_acceleration_presets():

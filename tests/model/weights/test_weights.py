@@ -128,6 +128,7 @@ def test_without_the_replacement_index_or_with_it_swapped_in(multitalk_copy, tin
     _state_equal(load_transformer(find_layout(multitalk_copy), torch.float32), reference)
 
 
+@pytest.mark.slow
 def test_weights_check_cli(tiny_weights, multitalk_copy):
     ok = subprocess.run([sys.executable, "-m", "server.cli.main", "weights", "check", str(tiny_weights["diffusers"])],
                         capture_output=True, text=True)
@@ -140,6 +141,7 @@ def test_weights_check_cli(tiny_weights, multitalk_copy):
     assert bad.returncode == 1 and not report["ok"] and "Wan2.1_VAE.pth" in report["problems"][0]
 
 
+@pytest.mark.slow
 def test_sharded_load_peaks_well_under_twice_the_checkpoint_size(tmp_path):
     """Stream a ~170 MB 7-shard original-layout DiT; the load must not hold a second copy."""
     from model.network.transformer_multitalk import MultiTalkTransformer3DModel

@@ -26,6 +26,8 @@ import pytest
 from local_servers import free_port
 from server_harness import Cluster
 
+pytestmark = [pytest.mark.service]
+
 RUN = "/fal-ai/ai-avatar/multi"
 SUBMIT = "/queue/fal-ai/ai-avatar/multi"
 BODY_LIMIT = 512 * 1024  # well above a valid body with inline example media (about 190 KB)

@@ -24,6 +24,8 @@ from server.jobs import open_job_store
 
 from server_harness import Cluster
 
+pytestmark = [pytest.mark.service]
+
 RUN = "/fal-ai/ai-avatar/multi"
 SUBMIT = "/queue/fal-ai/ai-avatar/multi"
 REQUESTS = "/queue/fal-ai/ai-avatar/requests"  # status, result and cancel: owner/app only, as on fal
@@ -298,6 +300,7 @@ def test_full_queue_is_429_with_retry_after(keyed_api, speech_request):
 # -- with a worker ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_readyz_is_200_with_a_ready_worker_and_notes_the_tiny_weights(worker_api):
     response = worker_api.http.get("/readyz")
     assert response.status_code == 200

@@ -18,6 +18,8 @@ import pytest
 
 from server_harness import Cluster
 
+pytestmark = [pytest.mark.browser, pytest.mark.service, pytest.mark.slow]
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 JOB_TIMEOUT_S = 120
@@ -107,6 +109,27 @@ def test_page_and_assets_are_served(cluster):
     assert httpx.get(f"{cluster.url}/playground/index.py", timeout=10).status_code == 404
     paths = httpx.get(f"{cluster.url}/openapi.json", timeout=10).json()["paths"]
     assert "/" not in paths and not any(path.startswith("/playground") for path in paths)
+
+
+def test_options_come_from_the_servers_schema(page, cluster):
+    """The limits, choices and defaults are the request contract's, read from `/openapi.json`, not the page's own."""
+    schema = httpx.get(f"{cluster.url}/openapi.json", timeout=10).json()
+    properties = schema["components"]["schemas"]["AvatarMultiInput"]["properties"]
+    frames, resolution = properties["num_frames"], properties["resolution"]
+    _wait(page, lambda d: d.find_element("id", "form").get_attribute("data-schema") != "loading", 30,
+          "the page to read the schema")
+    assert page.find_element("id", "form").get_attribute("data-schema") == "ready", \
+        page.find_element("id", "schema-status").text
+    num_frames = page.find_element("id", "num_frames")
+    assert float(num_frames.get_attribute("min")) == frames["minimum"]
+    assert float(num_frames.get_attribute("max")) == frames["maximum"]
+    assert float(num_frames.get_attribute("value")) == frames["default"]
+    hint = page.find_element("id", "num_frames-hint").text
+    assert f"{frames['minimum']:g}" in hint and f"{frames['maximum']:g}" in hint, hint
+    options = page.execute_script(
+        "return [...document.getElementById('resolution').options].map(o => [o.value, o.selected])")
+    assert [value for value, _ in options] == resolution["enum"]
+    assert [value for value, selected in options if selected] == [resolution["default"]]
 
 
 def test_generates_and_plays_a_video(page, cluster, example_inputs, tmp_path):

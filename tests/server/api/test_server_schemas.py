@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
@@ -14,6 +12,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from model.contract.errors import InputError
+from model.contract.fields import MAX_SEED, NUM_FRAMES
 from server.api.errors import (
     ECHO_MAX_CHARS,
     input_error_body,
@@ -23,8 +22,6 @@ from server.api.errors import (
 )
 from server.api.schemas import (
     MAX_DATA_URI_CHARS,
-    MAX_SEED,
-    NUM_FRAMES_RANGE,
     AvatarMultiInput,
     AvatarMultiOutput,
     CancelResponse,
@@ -35,6 +32,7 @@ from server.api.schemas import (
 
 from repo_paths import REPO_ROOT
 
+NUM_FRAMES_RANGE = (NUM_FRAMES.minimum, NUM_FRAMES.maximum)
 AUDIO_2 = "https://example.com/b.wav"
 MINIMAL = {
     "image_url": "https://example.com/a.png",
@@ -52,12 +50,14 @@ def _detail(body: dict) -> list[dict]:
 
 def test_limits_and_choices_match_the_model():
     """The schema is built from the model's own (torch-free) limits and choices."""
-    from model.contract import fields as request_options
+    from model.contract import fields as contract
 
-    assert (NUM_FRAMES_RANGE, MAX_SEED) == (request_options.NUM_FRAMES_RANGE, request_options.MAX_SEED)
+    properties = AvatarMultiInput.model_json_schema()["properties"]
+    num_frames, seed = properties["num_frames"], properties["seed"]["anyOf"][0]
+    assert ((num_frames["minimum"], num_frames["maximum"]), seed["maximum"]) == (NUM_FRAMES_RANGE, MAX_SEED)
     fields = AvatarMultiInput.model_fields
-    assert fields["resolution"].annotation.__args__ == request_options.RESOLUTIONS
-    assert fields["acceleration"].annotation.__args__ == request_options.ACCELERATIONS
+    assert fields["resolution"].annotation.__args__ == contract.RESOLUTION.choices
+    assert fields["acceleration"].annotation.__args__ == contract.ACCELERATION.choices
 
 
 def test_server_modules_do_not_import_torch():
@@ -270,17 +270,16 @@ def test_to_generation_options():
     assert to_generation_options(inp, seed=1234) == {
         "prompt": "two people talk", "num_frames": 81, "resolution": "720p", "seed": 1234, "acceleration": "high",
         "use_only_first_audio": False, "audio_mode": "para", "speaker_boxes": [(0, 0, 10, 10), (10, 0, 20, 10)],
-        "detect_speakers": True, "negative_prompt": "blur",
+        "speaker_placement": "faces", "negative_prompt": "blur",
     }
-    assert to_generation_options(AvatarMultiInput.model_validate(MINIMAL), seed=81)["detect_speakers"] is False
+    assert to_generation_options(AvatarMultiInput.model_validate(MINIMAL), seed=81)["speaker_placement"] == "halves"
 
 
 def test_generation_options_are_generation_request_fields():
-    tree = ast.parse((REPO_ROOT / "model/pipeline.py").read_text())
-    [request] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "GenerationRequest"]
-    fields = {n.target.id for n in request.body if isinstance(n, ast.AnnAssign)}
+    from model.contract.request import OPTION_NAMES
+
     options = to_generation_options(AvatarMultiInput.model_validate(MINIMAL), seed=81)
-    assert options.keys() <= fields - {"image", "audio", "output"}
+    assert options.keys() <= OPTION_NAMES
 
 
 def test_openapi_schema_has_the_examples(client):

@@ -22,8 +22,9 @@ from urllib.parse import parse_qs, quote_from_bytes, urlsplit
 import pytest
 
 from model.contract.errors import InputError
-from server.files import fetch as input_fetch
-from server.files.fetch import FetchSettings, MiB, fetch_input, is_public_address, sniff
+from server.files import safe_http
+from server.files.fetch import FetchSettings, MiB, fetch_input, sniff
+from server.files.safe_http import is_public_address
 from server.files.store import FileStore, UnknownFile, UploadTooLarge
 
 PNG_BYTES = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200)
@@ -300,7 +301,7 @@ def test_unreachable_hosts(tmp_path, monkeypatch):
     async def no_such_name(host: str, port: int) -> list[str]:  # as the resolver says it, without needing DNS
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    monkeypatch.setattr(input_fetch, "_resolve", no_such_name)
+    monkeypatch.setattr(safe_http, "resolve", no_such_name)
     error = _refused("http://no-such-host.invalid/x.png", tmp_path)
     assert error.reason == "could not reach no-such-host.invalid: the host name does not resolve"
 
@@ -331,13 +332,13 @@ def test_private_addresses_are_refused_by_default(server, url, address, tmp_path
 @pytest.mark.parametrize("target", ["http://10.0.0.1/x.png", "http://169.254.169.254/latest/meta-data/"])
 def test_redirect_to_a_private_address_is_refused_without_connecting(server, target, tmp_path, monkeypatch):
     contacted = []
-    send = input_fetch._send_pinned
+    send = safe_http.pinned_request
 
-    async def spy(transport, url, addresses, settings):
+    def spy(method, url, addresses, **options):
         contacted.append(addresses)
-        return await send(transport, url, addresses, settings)
+        return send(method, url, addresses, **options)
 
-    monkeypatch.setattr(input_fetch, "_send_pinned", spy)
+    monkeypatch.setattr(safe_http, "pinned_request", spy)
     error = _refused(server.url(f"/to?url={target}"), tmp_path)
     assert f"({urlsplit(target).hostname})" in error.reason
     assert contacted == [["127.0.0.1"]]
@@ -372,7 +373,7 @@ def _fake_dns(monkeypatch, answers: dict[str, list[str]]) -> list[str]:
         lookups.append(host)
         return answers[host]
 
-    monkeypatch.setattr(input_fetch, "_resolve", resolve)
+    monkeypatch.setattr(safe_http, "resolve", resolve)
     return lookups
 
 

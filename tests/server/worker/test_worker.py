@@ -1,11 +1,15 @@
 """A worker runs queued jobs end to end on the tiny pipeline: result, logs, input errors, cancel."""
 
+import asyncio
 import threading
 from dataclasses import replace
 
 import pytest
 from fal_client import encode_file
 
+from server.api.schemas import AvatarMultiInput
+from server.api.submission import stage_inputs
+from server.files.fetch import FetchSettings
 from server.files.store import FileStore
 from server.jobs import SqliteJobStore
 from server.worker.runner import Worker, WorkerSettings
@@ -42,8 +46,15 @@ def _input(example_inputs, **extra):
     return body
 
 
+def _submit(worker, body):
+    """Queue `body` as the API does: validated, its inputs kept in the file store, its seed fixed."""
+    staged = asyncio.run(stage_inputs(AvatarMultiInput.model_validate(body), worker.files, FetchSettings(),
+                                      "http://127.0.0.1:8000"))
+    return worker.store.submit(APP, staged)
+
+
 def test_worker_runs_a_job_to_a_video_url(worker, example_inputs):
-    job = worker.store.submit(APP, _input(example_inputs))
+    job = _submit(worker, _input(example_inputs))
     assert worker.run_once()
     done = worker.store.get(job.id)
     assert (done.status, done.outcome) == ("COMPLETED", "OK")
@@ -54,14 +65,15 @@ def test_worker_runs_a_job_to_a_video_url(worker, example_inputs):
     ffprobe_or_skip()
     assert probe(path)["frames"] == 41
     messages = [entry["message"] for entry in worker.store.logs(job.id)]
-    assert "fetching inputs" in messages and any(m.startswith("clip 1/1 step 1/1") for m in messages)
+    assert messages[0] == f"started on worker {worker.worker_id} (attempt 1)"
+    assert "reading image and audio" in messages and any(m.startswith("clip 1/1 step 1/1") for m in messages)
     assert not worker.run_once()  # queue empty
 
 
 def test_unusable_input_fails_the_job_with_a_422_body(worker, example_inputs, tmp_path):
     silent = tmp_path / "silent.wav"
-    silent.write_bytes(b"RIFF" + b"\0" * 40)
-    job = worker.store.submit(APP, _input(example_inputs, second_audio_url=encode_file(silent)))
+    silent.write_bytes(b"RIFF" + b"\0" * 4 + b"WAVE" + b"\0" * 60)  # passes the sniffing at submit, not decoding
+    job = _submit(worker, _input(example_inputs, second_audio_url=encode_file(silent)))
     worker.run_once()
     done = worker.store.get(job.id)
     assert (done.outcome, done.result["status_code"]) == ("ERROR", 422)
@@ -69,7 +81,7 @@ def test_unusable_input_fails_the_job_with_a_422_body(worker, example_inputs, tm
 
 
 def test_cancel_reaches_a_running_job(worker, example_inputs):
-    job = worker.store.submit(APP, _input(example_inputs, num_frames=181))
+    job = _submit(worker, _input(example_inputs, num_frames=181))
     original = worker.pipeline.generate
 
     def cancel_then_generate(request, progress=None, should_cancel=None):
@@ -82,8 +94,9 @@ def test_cancel_reaches_a_running_job(worker, example_inputs):
     assert (done.status, done.outcome, done.error_type) == ("COMPLETED", "CANCELLED", "client_cancelled")
 
 
+@pytest.mark.slow
 def test_serve_forever_drains_the_queue_and_stops(worker, example_inputs):
-    jobs = [worker.store.submit(APP, _input(example_inputs, seed=s)) for s in (1, 2)]
+    jobs = [_submit(worker, _input(example_inputs, seed=s)) for s in (1, 2)]
     stop = threading.Event()
     thread = threading.Thread(target=worker.serve_forever, args=(stop,))
     thread.start()

@@ -1,0 +1,105 @@
+"""The request contract is the one declaration of every field: the HTTP schema, the CLI and the pipeline follow it."""
+
+import argparse
+import re
+from dataclasses import replace
+
+import pytest
+
+from model.contract.errors import InputError
+from model.contract.fields import AVATAR_MULTI, MEDIA_FIELDS, OPTION_FIELDS, RequestField
+from model.contract.request import GenerationRequest
+from server.api.schemas import AvatarMultiInput
+from server.cli.generate import add_generate_parser
+
+from repo_paths import REPO_ROOT
+
+
+def _generate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add_generate_parser(parser.add_subparsers())
+    return parser._subparsers._group_actions[0].choices["generate"]
+
+
+def _actions() -> dict[str, argparse.Action]:
+    """The generate flags by destination; the first action wins (`--detect-speakers` is an alias)."""
+    actions: dict[str, argparse.Action] = {}
+    for action in _generate_parser()._actions:
+        actions.setdefault(action.dest, action)
+    return actions
+
+
+def test_the_http_schema_is_the_contract():
+    properties = AvatarMultiInput.model_json_schema()["properties"]
+    assert list(properties) == [f.name for f in AVATAR_MULTI.fields]
+    assert set(AvatarMultiInput.model_json_schema()["required"]) == {f.name for f in AVATAR_MULTI.fields if f.required}
+    for spec in AVATAR_MULTI.fields:
+        schema = properties[spec.name]
+        value_schema = schema["anyOf"][0] if "anyOf" in schema else schema
+        assert value_schema.get("minimum") == spec.minimum and value_schema.get("maximum") == spec.maximum, spec.name
+        assert tuple(value_schema.get("enum", ())) == spec.choices, spec.name
+        if not spec.required:
+            assert schema["default"] == AVATAR_MULTI.default(spec), spec.name
+    assert all(f.http for f in AVATAR_MULTI.fields)
+    assert {f.name for f in OPTION_FIELDS if f.http} <= set(properties)
+
+
+def test_the_generate_flags_are_the_contract():
+    actions = _actions()
+    for spec in (*MEDIA_FIELDS, *OPTION_FIELDS):
+        action = actions[spec.name]
+        assert spec.cli_flag in action.option_strings, spec.name
+        assert action.required == spec.required, spec.name
+        if spec.kind not in ("image", "audio", "boxes"):
+            assert action.default == spec.default, spec.name
+        assert tuple(action.choices or ()) == spec.choices, spec.name
+        if spec.kind in ("int", "float") and spec.minimum is not None and spec.maximum is not None:
+            assert spec.limits in action.help, spec.name
+
+
+def _outside(spec: RequestField) -> list:
+    if spec.choices:
+        return ["not-a-choice"]
+    values = []
+    step = 1 if spec.kind == "int" else 0.5
+    if spec.minimum is not None:
+        values.append(type(spec.minimum)(spec.minimum - step) if spec.kind == "int" else spec.minimum - step)
+    if spec.maximum is not None:
+        values.append(spec.maximum + step)
+    return values
+
+
+@pytest.mark.parametrize("spec", [f for f in OPTION_FIELDS if f.choices or f.minimum is not None or f.maximum is not None],
+                         ids=lambda f: f.name)
+def test_the_pipeline_checks_the_contract(spec, tmp_path):
+    """Every limit and choice refuses the value just outside it, naming the field; the defaults pass."""
+    request = GenerationRequest(image=tmp_path / "a.png", audio=[tmp_path / "a.wav"], output=tmp_path / "o.mp4",
+                                prompt="p")
+    request.check()
+    for value in _outside(spec):
+        with pytest.raises(InputError) as error:
+            replace(request, **{spec.name: int(value) if spec.kind == "int" else value}).check()
+        assert error.value.field == spec.name and spec.limits in error.value.reason
+
+
+def test_the_generation_request_takes_the_contract_defaults(tmp_path):
+    request = GenerationRequest(image=tmp_path / "a.png", audio=[tmp_path / "a.wav"], output=tmp_path / "o.mp4")
+    assert {f.name: getattr(request, f.name) for f in OPTION_FIELDS} == {f.name: f.default for f in OPTION_FIELDS}
+
+
+LIMIT_LITERALS = re.compile(r"\b(41|241|4294967295)\b|2\s*\*\*\s*32")
+
+
+def test_limits_and_choices_are_declared_in_one_module():
+    """No module but the contract spells the frame range or the seed range (the playground reads them from
+    the OpenAPI schema)."""
+    contract = REPO_ROOT / "model" / "contract" / "fields.py"
+    offenders = []
+    for path in [*REPO_ROOT.joinpath("model").rglob("*.py"), *REPO_ROOT.joinpath("server").rglob("*.py"),
+                 *REPO_ROOT.joinpath("server").rglob("*.html"), *REPO_ROOT.joinpath("server").rglob("*.js")]:
+        if path == contract:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if LIMIT_LITERALS.search(line.split("#")[0]):
+                offenders.append(f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}")
+    assert offenders == []
