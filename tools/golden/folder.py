@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,13 +66,54 @@ class GoldenFolder:
 
 
 def apply_transform(tensor: torch.Tensor, transform: str | None) -> torch.Tensor:
+    """An input reference's value derived from its stored tensor (`first_human`, `zero_audio`); a subscript
+    transform such as `video[:, :, ::8, ::8]` is applied by `subsample` instead (to the implementation's output)."""
     if transform is None:
         return tensor
     if transform == "first_human":
         return tensor[:1]
     if transform == "zero_audio":
         return torch.zeros_like(tensor)[-1:]
-    raise Skip(f"unknown input transform {transform!r}")
+    if is_subscript(transform):
+        return tensor  # stored already subsampled: the transform says how to cut the actual value
+    raise Skip(f"unknown transform {transform!r}")
+
+
+def is_subscript(transform: str | None) -> bool:
+    return bool(transform) and _subscript(transform) is not None
+
+
+def subsample(actual: Any, transform: str | None) -> Any:
+    """The implementation's value cut as an expected reference's subscript transform says (`video[:, :, ::8, ::8]`:
+    compare every 8th row and column), so a folder can store a large output at a fraction of its size."""
+    if not is_subscript(transform):
+        return actual
+    return torch.as_tensor(actual)[_subscript(transform)]
+
+
+def _subscript(transform: str) -> tuple | None:
+    """`name[<slices>]` as a tuple of slices and integers, or None if `transform` is not of that form."""
+    try:
+        node = ast.parse(transform, mode="eval").body
+    except SyntaxError:
+        return None
+    if not (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)):
+        return None
+    items = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+
+    def bound(expr: ast.expr | None) -> int | None:
+        if expr is None:
+            return None
+        value = ast.literal_eval(expr)
+        if not isinstance(value, int):
+            raise ValueError(transform)
+        return value
+
+    try:
+        return tuple(slice(bound(i.lower), bound(i.upper), bound(i.step)) if isinstance(i, ast.Slice)
+                     else Ellipsis if isinstance(i, ast.Constant) and i.value is Ellipsis else bound(i) for i in items)
+    except ValueError:
+        return None
 
 
 def _json_path(value: Any, path: list) -> Any:
