@@ -99,6 +99,12 @@ def test_the_product_never_imports_the_tools():
             assert not re.search(r"(?<![\w.])tools\.", path.read_text()), path
 
 
+def test_the_architecture_doc_names_every_module():
+    doc = (REPO_ROOT / "docs" / "architecture.md").read_text()
+    modules = [p for top in (*PACKAGES, "tools") for p in (REPO_ROOT / top).rglob("*.py") if p.name != "__init__.py"]
+    assert [str(p.relative_to(REPO_ROOT)) for p in modules if p.name not in doc] == []
+
+
 @pytest.mark.slow
 def test_the_wheel_holds_no_parity_or_benchmark_code(tmp_path):
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO_ROOT), "--no-deps", "--no-build-isolation",
