@@ -155,7 +155,7 @@ class Pipeline:
         report(Progress("encode", "encoding audio and text"))
         mark = time.perf_counter()
         c = self.components
-        embeddings = [c.audio_encoder.encode(track).embedding for track in tracks.per_speaker]
+        embeddings = speaker_embeddings(c.audio_encoder, tracks.per_speaker, clips[-1].start + clips[-1].frames)
         negative = request.negative_prompt or DEFAULT_NEGATIVE_PROMPT
         with visiting(c.text_encoder.model, self.device, self.execution.text_encoder_on_cpu):
             context, negative_context = (t.float() for t in c.text_encoder.encode([request.prompt, negative]))
@@ -224,14 +224,25 @@ class Pipeline:
         return reference, masks, target_hw
 
     def _audio_tracks(self, request: GenerationRequest, clips: list[ClipPlan]):
-        """Speakers' 16 kHz tracks on one timeline as long as the generated clips (silence-padded, or cut).
+        """Speakers' 16 kHz tracks on one timeline at least as long as the generated clips (silence-padded).
 
         The mix (muxed into the MP4) is fitted to exactly `num_frames` by the writer; the per-speaker tracks
-        cover every frame the clips generate, so no clip runs out of audio and nothing needs trimming.
+        cover every frame the clips generate, so no clip runs out of audio. Longer tracks stay whole: wav2vec2
+        sees all of each (`speaker_embeddings`), as in the original.
         """
         tracks = combine_speakers([load_speech(Path(path), name) for path, name in request.speaker_audio],
                                   request.audio_mode)
-        generated = clips[-1].start + clips[-1].frames
-        length = generated * SAMPLES_PER_FRAME
-        tracks.per_speaker = [fit_length(t, length) for t in tracks.per_speaker]
+        length = (clips[-1].start + clips[-1].frames) * SAMPLES_PER_FRAME
+        tracks.per_speaker = [fit_length(t, max(len(t), length)) for t in tracks.per_speaker]
         return tracks
+
+
+def speaker_embeddings(encoder, tracks: Sequence, frames: int) -> list[torch.Tensor]:
+    """wav2vec2 features [frames, layers, hidden] of each speaker's whole track, cut to the `frames` the clips use.
+
+    The track is encoded whole and the features cut afterwards, as the original does: wav2vec2's layers attend over
+    the whole input, so encoding only the part the video shows would change every feature (by up to 4 on real
+    speech). Each track lasts at least `frames` video frames (`Pipeline._audio_tracks`) and at most the input
+    duration limit (`load_speech`, 600 s: 15,000 rows, attended with PyTorch's memory-efficient SDPA).
+    """
+    return [encoder.encode(track).embedding[:frames] for track in tracks]

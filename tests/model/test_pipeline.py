@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from model.contract.errors import GenerationCancelled, InputError
 from model.contract.request import GenerationRequest
+from model.media.audio_input import SAMPLES_PER_FRAME
+from model.pipeline import speaker_embeddings
 
 from media_probe import ffprobe_or_skip, probe
 from repo_paths import REPO_ROOT
@@ -174,3 +177,15 @@ def test_cli_generate_writes_the_video_and_reports_bad_input(tiny_weights, examp
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert "num_frames: must be an integer from 41 to 241" in bad.stderr
+
+
+def test_wav2vec2_sees_each_whole_track_and_its_features_are_cut_to_the_video(tiny_pipeline):
+    """Speech longer than the video: features of the whole track, cut afterwards, as the original (wav2vec2 attends
+    over its whole input, so encoding only the shown part would give other features)."""
+    encoder = tiny_pipeline.components.audio_encoder
+    track = (np.random.default_rng(0).standard_normal(16000 * 4) * 0.1).astype(np.float32)  # 4 s: 100 frames
+    frames = 41
+    [features] = speaker_embeddings(encoder, [track], frames)
+    assert torch.equal(features, encoder.encode(track).embedding[:frames])
+    shown_part_only = encoder.encode(track[: frames * SAMPLES_PER_FRAME]).embedding
+    assert shown_part_only.shape == features.shape and not torch.allclose(features, shown_part_only, atol=1e-4)
