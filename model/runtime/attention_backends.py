@@ -7,6 +7,7 @@ through PyTorch SDPA (`_native_cudnn`, Ampere or newer), FlashAttention 2 (`flas
 package), then PyTorch's own SDPA dispatcher (`native`). SageAttention quantises q and k to int8, so it
 changes the numbers: it is never picked automatically, only when named (`sage`). On CPU: `native`.
 Sequence parallelism needs a backend diffusers can run across ranks, so `auto` then skips `_flash_3`.
+The FlashAttention, cuDNN and Sage kernels take fp16/bf16 only, so a float32 model gets PyTorch's SDPA.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ def backend_problem(name: str, device: torch.device) -> str | None:
     return None
 
 
+def dtype_problem(name: str, dtype: torch.dtype) -> str | None:
+    """Why `name` cannot take `dtype` inputs (None when it can): the FlashAttention, cuDNN and Sage kernels are
+    half-precision only."""
+    half_only = name.startswith(("flash", "_flash", "sage", "_sage")) or name in ("_native_cudnn", "_native_flash")
+    if half_only and dtype not in (torch.float16, torch.bfloat16):
+        return f"attention backend {name!r} needs float16 or bfloat16, the model computes in {str(dtype).split('.')[-1]}"
+    return None
+
+
 def supports_context_parallel(name: str) -> bool:
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
@@ -48,11 +58,12 @@ def supports_context_parallel(name: str) -> bool:
 
 
 def choose_attention_backend(device: torch.device | str, requested: str = "auto",
-                             context_parallel: bool = False) -> str:
-    """The backend to use: `requested` if it can run here (else ValueError saying why), or the `auto` pick."""
+                             context_parallel: bool = False, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The backend to use: `requested` if it can run here on `dtype` inputs (else ValueError saying why), or the
+    `auto` pick."""
     device = torch.device(device)
     if requested != "auto":
-        problem = backend_problem(requested, device)
+        problem = backend_problem(requested, device) or dtype_problem(requested, dtype)
         if problem is None and context_parallel and not supports_context_parallel(requested):
             problem = f"attention backend {requested!r} cannot run under sequence parallelism"
         if problem is not None:
@@ -61,15 +72,17 @@ def choose_attention_backend(device: torch.device | str, requested: str = "auto"
     if device.type != "cuda":
         return "native"
     for name in AUTO_ORDER_CUDA:
-        if backend_problem(name, device) is None and (not context_parallel or supports_context_parallel(name)):
+        usable = backend_problem(name, device) is None and dtype_problem(name, dtype) is None
+        if usable and (not context_parallel or supports_context_parallel(name)):
             return name
     return "native"
 
 
 def apply_attention_backend(transformer, device: torch.device | str, requested: str = "auto",
-                            context_parallel: bool = False) -> str:
-    """Set the chosen backend on every attention processor of `transformer`; returns its name."""
-    name = choose_attention_backend(device, requested, context_parallel)
+                            context_parallel: bool = False, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Set the chosen backend on every attention processor of `transformer` (computing in `dtype`); returns its
+    name."""
+    name = choose_attention_backend(device, requested, context_parallel, dtype)
     transformer.set_attention_backend(name)
     logger.info("attention backend=%s requested=%s", name, requested)
     return name

@@ -71,9 +71,11 @@ def prepare_transformer(transformer, options: ExecutionOptions, device) -> str:
     from model.runtime.memory import prepare_memory
 
     device = torch.device(device)
+    compute_dtype = transformer.dtype  # before weight storage may turn block weights into float8 or int8
     prepare_memory(transformer, options.weights, options.offload, device)
     parallel = options.sequence_parallel > 1
-    backend = apply_attention_backend(transformer, device, options.attention, context_parallel=parallel)
+    backend = apply_attention_backend(transformer, device, options.attention, context_parallel=parallel,
+                                      dtype=compute_dtype)
     transformer.reference_map_mode = "original" if options.reference_schedule else "fused"
     if parallel:
         enable_sequence_parallel(transformer, options.sequence_parallel)

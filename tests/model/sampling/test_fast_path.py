@@ -131,6 +131,21 @@ def test_auto_attention_order_on_cuda_prefers_exact_fast_kernels(monkeypatch):
         choose_attention_backend("cuda", "sage")
 
 
+def test_auto_attention_on_cuda_picks_by_dtype(monkeypatch):
+    """The FlashAttention and cuDNN kernels take half precision only: a float32 model gets PyTorch's SDPA, and
+    naming one of them for it is a clear error."""
+    import model.runtime.attention_backends as backends
+
+    monkeypatch.setattr(backends, "backend_problem", lambda name, device: None)
+    assert choose_attention_backend("cuda", dtype=torch.bfloat16) == "_flash_3"
+    assert choose_attention_backend("cuda", dtype=torch.float16) == "_flash_3"
+    assert choose_attention_backend("cuda", dtype=torch.float32) == "native"
+    for name in ("flash", "_flash_3", "_native_cudnn", "sage"):
+        with pytest.raises(ValueError, match=f"attention: attention backend '{name}' needs float16 or bfloat16, "
+                                             "the model computes in float32"):
+            choose_attention_backend("cuda", name, dtype=torch.float32)
+
+
 @pytest.mark.slow
 def test_offloaded_pipeline_keeps_the_text_encoder_in_cpu_memory_and_makes_the_same_video(
         tiny_weights, tiny_pipeline, example_inputs, tmp_path):
