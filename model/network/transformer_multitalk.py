@@ -149,7 +149,8 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
 
     _no_split_modules = ["MultiTalkTransformerBlock"]
     _repeated_blocks = ["MultiTalkTransformerBlock"]
-    _keep_in_fp32_modules = [*WanTransformer3DModel._keep_in_fp32_modules, "norm_audio"]
+    # time_proj too: the blocks' modulation is computed in fp32 (`time_conditioning`), as the original and LightX2V.
+    _keep_in_fp32_modules = [*WanTransformer3DModel._keep_in_fp32_modules, "time_proj", "norm_audio"]
     # Sequence parallelism (diffusers context parallelism): the RoPE tables and the tokens entering the blocks
     # are split across ranks, the head's output gathered; the audio attention and the reference map handle
     # their cross-rank needs themselves (model/sequence_parallel.py). The text/image context is not split.
@@ -263,6 +264,19 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         local = LocalTokens.of(grid[0] * grid[1] * grid[2], grid[1] * grid[2], self._parallel_config)
         return AudioConditioning(tokens.to(dtype), speakers, token_masks, grid, local, self.reference_map_mode == "original")
 
+    def time_conditioning(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timestep [B] → time embedding [B, dim] and the blocks' modulation input [B, 6·dim], both in fp32.
+
+        diffusers' condition embedder casts the embedding to the text's dtype, so in a bf16 model every block's
+        shift, scale and gate would carry bf16 rounding (≈ 2⁻⁹ relative) and TeaCache's change signal more noise.
+        The original and LightX2V compute them in fp32: the two small linears are kept in fp32 when loaded
+        (`_keep_in_fp32_modules`), and their modules are called (so forward hooks see them, as the parity checks do).
+        """
+        embedder = self.condition_embedder
+        sinusoid = embedder.timesteps_proj(timestep)  # fp32
+        temb = embedder.time_embedder(sinusoid.to(embedder.time_embedder.linear_1.weight.dtype)).float()
+        return temb, embedder.time_proj(embedder.act_fn(temb).to(embedder.time_proj.weight.dtype)).float()
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -300,9 +314,9 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         if text_len > TEXT_LEN:
             raise ValueError(f"text context has {text_len} tokens, at most {TEXT_LEN} allowed")
         encoder_hidden_states = F.pad(encoder_hidden_states, (0, 0, 0, TEXT_LEN - text_len))
-        temb, timestep_proj, encoder_hidden_states, encoder_hidden_states_image = self.condition_embedder(
-            timestep, encoder_hidden_states, encoder_hidden_states_image
-        )
+        temb, timestep_proj = self.time_conditioning(timestep)
+        encoder_hidden_states = self.condition_embedder.text_embedder(encoder_hidden_states)
+        encoder_hidden_states_image = self.condition_embedder.image_embedder(encoder_hidden_states_image)
         timestep_proj = timestep_proj.unflatten(1, (6, -1))  # [B, 6, dim]
         context = torch.cat([encoder_hidden_states_image, encoder_hidden_states], dim=1).to(hidden_states.dtype)
 

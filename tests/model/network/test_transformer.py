@@ -151,3 +151,17 @@ def test_block_is_registered_for_diffusers_cache_hooks_and_backends(tiny_transfo
         torch.testing.assert_close(cached, reference, rtol=1e-4, atol=1e-4)
     finally:
         tiny_transformer.disable_cache()
+
+
+def test_time_embedding_and_modulation_run_in_fp32_in_a_bf16_model(tiny_weights, tiny_transformer):
+    """As the original and LightX2V: a bf16 model's time embedding and block modulation are computed in fp32 from
+    fp32 weights, so they equal the fp32 model's exactly while the blocks run in bf16."""
+    bf16 = load_transformer(find_layout(tiny_weights["multitalk"]), torch.bfloat16)
+    embedder = bf16.condition_embedder
+    assert {p.dtype for p in [*embedder.time_embedder.parameters(), *embedder.time_proj.parameters()]} == {torch.float32}
+    assert bf16.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    timestep = torch.tensor([999.0, 500.0, 1.0])
+    temb, modulation = bf16.time_conditioning(timestep)
+    assert temb.dtype == modulation.dtype == torch.float32
+    expected = tiny_transformer.time_conditioning(timestep)
+    assert torch.equal(temb, expected[0]) and torch.equal(modulation, expected[1])
