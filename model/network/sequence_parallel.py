@@ -109,13 +109,19 @@ class LocalTokens:
 
 
 def join_process_group() -> torch.device:
-    """Join torchrun's process group (NCCL on CUDA, gloo on the CPU); returns this rank's device."""
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    """Join torchrun's process group (NCCL on CUDA, gloo on the CPU); returns this rank's device.
+
+    The rank's GPU is made current before NCCL starts, and named to it: otherwise every rank's communicator
+    is first created on GPU 0 (extra memory there, and a hang when ranks pick different devices later).
+    """
     if not torch.cuda.is_available():
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
         return torch.device("cpu")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", device_id=device)
     return device
 
 
