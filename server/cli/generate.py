@@ -35,7 +35,7 @@ def add_request_flags(group: argparse._ActionsContainer, spec: RequestField) -> 
     limits = f" ({spec.limits})" if spec.limits and not spec.choices else ""
     common = {"dest": spec.name, "help": spec.help + limits}
     if spec.kind in MEDIA_KINDS:
-        group.add_argument(spec.cli_flag, type=Path, required=spec.required, **common)
+        group.add_argument(spec.cli_flag, type=Path, required=spec.required, metavar="FILE", **common)
     elif spec.kind == "bool":
         group.add_argument(spec.cli_flag, action="store_true", **common)
     elif spec.kind == "choice":
