@@ -115,8 +115,19 @@ def use_lora(transformer: MultiTalkTransformer3DModel, name: str | None, scale: 
         for (module, attribute), delta in loras.deltas.get(name, {}).items():
             param = getattr(_base_layer(transformer, module), attribute)
             loras.saved[(module, attribute)] = param.detach().clone()
-            param.add_(delta.to(param.device, param.dtype), alpha=scale)
+            _add_delta(param, delta, scale)
     loras.active = None if name is None else (name, scale)
+
+
+def _add_delta(param: torch.Tensor, delta: torch.Tensor, scale: float) -> None:
+    """`param += scale · delta` in the parameter's own dtype; a float8-stored one (weights='fp8-storage' keeps the
+    blocks' Linear biases in float8, which has no arithmetic) is summed in fp32 and rounded back once, as its
+    storage rounds every weight. The value before is saved by the caller, so switching back stays exact."""
+    delta = delta.to(param.device)
+    if param.dtype.itemsize == 1 and param.is_floating_point():
+        param.copy_(param.float().add_(delta.float(), alpha=scale))
+    else:
+        param.add_(delta.to(param.dtype), alpha=scale)
 
 
 def loaded_loras(transformer: MultiTalkTransformer3DModel) -> list[str]:

@@ -209,3 +209,23 @@ def test_lora_adapters_keep_the_compute_dtype_while_their_base_layers_are_conver
     assert type(adapter.weight.data) is torch.Tensor and adapter.weight.dtype == torch.float32
     assert all(".lora_" not in name for name in _block_linears(model))
     assert _velocity(model).isfinite().all()
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8", "fp8-storage"])
+def test_an_active_lora_with_full_deltas_runs_under_every_weight_storage(tiny_weights, tmp_path, weights):
+    """The distilled LoRAs carry `.diff_b` deltas for the blocks' Linear biases, which fp8-storage keeps in float8
+    (no arithmetic there): switching the LoRA on runs and changes the output, switching it off restores it."""
+    from model.runtime.lora import load_lora, use_lora
+    from model.weights.tiny import write_tiny_lora
+
+    model = _model(tiny_weights, torch.bfloat16)
+    load_lora(model, write_tiny_lora(tmp_path / "lora.safetensors", model, rank=4), "distilled")
+    if weights != "bf16":
+        apply_weight_storage(model, weights, "cpu")
+    without = _velocity(model, torch.bfloat16)
+    use_lora(model, "distilled", 1.0)
+    with_lora = _velocity(model, torch.bfloat16)
+    assert with_lora.isfinite().all()
+    _assert_differs(with_lora, without)
+    use_lora(model, None)
+    assert torch.equal(_velocity(model, torch.bfloat16), without)
