@@ -24,7 +24,7 @@ import torch
 from model.contract.errors import GenerationCancelled, InputError
 from model.contract.fields import seed_or_random
 from model.contract.request import GenerationRequest, GenerationResult, Progress, ProgressCallback
-from model.media.audio_input import SAMPLES_PER_FRAME, combine_speakers, fit_length, load_speech
+from model.media.audio_input import SAMPLE_RATE, SAMPLES_PER_FRAME, combine_speakers, fit_length, load_speech
 from model.media.image_input import choose_bucket, load_image, pixels_to_tensor, resize_and_center_crop
 from model.media.person_masks import detect_speaker_boxes, person_masks, validate_boxes
 from model.media.video_output import Mp4Writer, frames_to_uint8
@@ -60,6 +60,10 @@ def _recipe(request: GenerationRequest, loras: Sequence[str]) -> SamplingRecipe:
                        **given(text_scale=request.text_scale, audio_scale=request.audio_scale))
     return replace(recipe, guidance=guidance,
                    **given(steps=request.steps, shift=request.shift, teacache_threshold=request.teacache_threshold))
+
+
+# How much of each speaker's track wav2vec2 reads (`speaker_embeddings`): the original reads all of it.
+AUDIO_CONTEXT_S = 120.0
 
 
 @contextmanager
@@ -238,11 +242,13 @@ class Pipeline:
 
 
 def speaker_embeddings(encoder, tracks: Sequence, frames: int) -> list[torch.Tensor]:
-    """wav2vec2 features [frames, layers, hidden] of each speaker's whole track, cut to the `frames` the clips use.
+    """wav2vec2 features [frames, layers, hidden] of each speaker's track, cut to the `frames` the clips use.
 
-    The track is encoded whole and the features cut afterwards, as the original does: wav2vec2's layers attend over
-    the whole input, so encoding only the part the video shows would change every feature (by up to 4 on real
-    speech). Each track lasts at least `frames` video frames (`Pipeline._audio_tracks`) and at most the input
-    duration limit (`load_speech`, 600 s: 15,000 rows, attended with PyTorch's memory-efficient SDPA).
+    The track is encoded as a whole and the features cut afterwards, as the original does: wav2vec2's layers attend
+    over their whole input, so encoding only the part the video shows would change every feature (by up to 4 on
+    real speech). The one limit: at most `AUDIO_CONTEXT_S` of a track (or the video's length, if longer) is read.
+    Beyond it the features can differ from the original's, which reads everything: its conv front end holds
+    ≈ 13 MB per second of audio in fp32, ≈ 16 GB for two 600 s uploads taking turns (`add` makes a 1200 s track).
     """
-    return [encoder.encode(track).embedding[:frames] for track in tracks]
+    limit = max(frames * SAMPLES_PER_FRAME, int(AUDIO_CONTEXT_S * SAMPLE_RATE))
+    return [encoder.encode(track[:limit]).embedding[:frames].clone() for track in tracks]

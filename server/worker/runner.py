@@ -148,6 +148,9 @@ class Worker:
 
     def _stored_inputs(self, job: Job) -> dict[str, Path]:
         """The job's input files as the API stored them, by request field."""
+        if "files" not in job.input:  # the stored form before the request contract; no release had it
+            raise RuntimeError("this job was queued by an earlier server version whose stored input this worker "
+                               "cannot read; submit the request again")
         paths = {}
         for name, file_id in job.input["files"].items():
             try:

@@ -189,3 +189,16 @@ def test_wav2vec2_sees_each_whole_track_and_its_features_are_cut_to_the_video(ti
     assert torch.equal(features, encoder.encode(track).embedding[:frames])
     shown_part_only = encoder.encode(track[: frames * SAMPLES_PER_FRAME]).embedding
     assert shown_part_only.shape == features.shape and not torch.allclose(features, shown_part_only, atol=1e-4)
+
+
+def test_wav2vec2_reads_at_most_the_audio_context_limit_of_a_track(tiny_pipeline, monkeypatch):
+    """The explicit memory limit: beyond AUDIO_CONTEXT_S (or the video's length) a track is not read."""
+    import model.pipeline
+
+    monkeypatch.setattr(model.pipeline, "AUDIO_CONTEXT_S", 2.0)
+    encoder = tiny_pipeline.components.audio_encoder
+    track = (np.random.default_rng(1).standard_normal(16000 * 4) * 0.1).astype(np.float32)
+    [features] = speaker_embeddings(encoder, [track], 41)
+    assert torch.equal(features, encoder.encode(track[: 2 * 16000]).embedding[:41])
+    [longer_video] = speaker_embeddings(encoder, [track], 75)  # 3 s of video: read up to the video's end
+    assert torch.equal(longer_video, encoder.encode(track[: 75 * SAMPLES_PER_FRAME]).embedding[:75])

@@ -109,3 +109,11 @@ def test_serve_forever_drains_the_queue_and_stops(worker, example_inputs):
         stop.set()
         thread.join(timeout=60)
     assert [worker.store.get(j.id).result["body"]["seed"] for j in jobs] == [1, 2]
+
+
+def test_a_job_in_the_stored_form_of_an_earlier_version_fails_with_a_clear_error(worker, example_inputs):
+    job = worker.store.submit(APP, _input(example_inputs))  # the wire body as such, not options + stored files
+    worker.run_once()
+    done = worker.store.get(job.id)
+    assert (done.outcome, done.result["status_code"]) == ("ERROR", 500)
+    assert "queued by an earlier server version" in done.error and "submit the request again" in done.error
