@@ -37,7 +37,7 @@ from model.contract.fields import (
     speaker_count,
 )
 
-Box = Sequence[int]  # [x_min, y_min, x_max, y_max] in image pixels
+Box = tuple[int, int, int, int]  # (x_min, y_min, x_max, y_max) in source-image pixels
 
 
 @dataclass

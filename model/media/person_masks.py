@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from model.contract.errors import InputError
+from model.contract.request import Box
 from model.media.image_input import center_crop_offsets, cover_size
 
 logger = logging.getLogger(__name__)
 
-Box = tuple[int, int, int, int]  # (x_min, y_min, x_max, y_max) in source-image pixels
 
 DETECTION_MAX_SIDE = 1024  # faces are searched on a copy at most this big: Haar cost grows with the pixel count
 MIN_FACE_FRACTION = 0.08  # smallest face side searched, as a share of the image's shorter side
