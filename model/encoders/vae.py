@@ -3,6 +3,11 @@
 diffusers' VAE does not normalise latents; the transformer works on `(μ − mean) · (1/std)` per
 channel (multiplying by the reciprocal, bit-exact with the original), and decoding inverts it.
 The posterior mean is used (no sampling); decoding clamps to [−1, 1].
+
+Encoding and decoding run with TF32 off (`model.runtime.tf32`): the VAE runs in fp32 like the original
+(`Precision`), whose fp32 numbers are the parity reference, and cuDNN would otherwise run its fp32
+convolutions in TF32 on Ampere and newer GPUs, ≈ 1e-3 relative error. A VAE loaded in bf16 or fp16 is
+unaffected (TF32 only concerns fp32 tensors). It runs once per clip, so the cost is small.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKLWan
 
+from model.runtime.tf32 import tf32_disabled
 from model.weights.keymaps import TensorRule, original_vae_key_map
 from model.weights.streaming import CheckpointFiles, WeightsError, load_into_empty_model
 
@@ -48,7 +54,8 @@ class WanVAE:
     def posterior_mean(self, video: torch.Tensor) -> torch.Tensor:
         """[B, 3, F, H, W] in [−1, 1] → un-normalised latent mean [B, z, 1 + (F−1)/4, H/8, W/8] (fp32)."""
         video = video.to(device=self.vae.device, dtype=self.vae.dtype)
-        return self.vae.encode(video).latent_dist.mode().float()
+        with tf32_disabled():
+            return self.vae.encode(video).latent_dist.mode().float()
 
     def normalize(self, mu: torch.Tensor) -> torch.Tensor:
         return (mu - self.mean.to(mu.device)) * self.inv_std.to(mu.device)
@@ -62,4 +69,5 @@ class WanVAE:
         """Normalised latent [B, z, T, h, w] → video [B, 3, 1 + 4(T−1), 8h, 8w] clamped to [−1, 1] (fp32)."""
         latents = latents.float()
         raw = latents / self.inv_std.to(latents.device) + self.mean.to(latents.device)
-        return self.vae.decode(raw.to(device=self.vae.device, dtype=self.vae.dtype)).sample.float()
+        with tf32_disabled():
+            return self.vae.decode(raw.to(device=self.vae.device, dtype=self.vae.dtype)).sample.float()

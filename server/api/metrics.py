@@ -19,10 +19,18 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # One line of a metric family: (what follows the family's name, e.g. "_bucket"; labels; value).
 Sample = tuple[str, Mapping[str, str], float]
 
+# The keys of a heartbeat's `gpu_memory` (server/worker/runtime.py says how each is measured).
 _GPU_MEMORY_HELP = {
     "allocated_bytes": "GPU memory held by the worker's tensors.",
     "reserved_bytes": "GPU memory held by the worker's caching allocator (allocated plus cached).",
+    "peak_allocated_bytes": "Most GPU memory held by the worker's tensors since its process started.",
+    "peak_reserved_bytes": "Most GPU memory held by the worker's caching allocator since its process started.",
+    "outside_allocator_bytes": "GPU memory in use outside the worker's caching allocator: the device's used memory "
+                               "(total minus free) minus reserved; the CUDA context, libraries' own buffers and "
+                               "other processes on the GPU.",
     "total_bytes": "The worker's GPU memory in all.",
+    "pinned_host_bytes": "Page-locked host memory held by PyTorch's pinned allocator in the worker's process "
+                         "(pin_memory(), in use or cached); excludes memory pinned with cudaHostRegister.",
 }
 
 
@@ -74,9 +82,10 @@ def _per_worker(workers: list[WorkerInfo], is_set: Callable[[dict[str, Any]], bo
 
 
 def _gpu_memory_samples(workers: list[WorkerInfo], name: str) -> list[Sample]:
-    """Only workers that report GPU memory (not one on CPU, nor one still starting)."""
+    """Only workers that report the figure: not one on CPU, nor one still starting, nor one of an older
+    version (during a rolling upgrade) whose heartbeat lacks it."""
     return [("", {"worker": worker.id}, worker.info["gpu_memory"][name])
-            for worker in workers if worker.info.get("gpu_memory")]
+            for worker in workers if name in (worker.info.get("gpu_memory") or {})]
 
 
 def _labels(labels: Mapping[str, str]) -> str:

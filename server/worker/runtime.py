@@ -43,12 +43,29 @@ def _device(settings: Settings) -> str:
 
 
 def _gpu_memory(device: str) -> dict[str, int] | None:
+    """The worker's memory figures in bytes for /readyz and /metrics; None on a CPU worker.
+
+    `allocated` and `reserved` are PyTorch's caching allocator now (tensors; tensors plus its cache), and
+    `peak_allocated` / `peak_reserved` their highest since the process started (nothing here resets them).
+    `outside_allocator` is the device memory in use (cudaMemGetInfo's total − free) that the allocator does not
+    hold: the CUDA context, libraries' own allocations (cuBLAS/cuDNN workspaces, NCCL buffers) and any other
+    process on the same GPU. `pinned_host` is page-locked host memory held by PyTorch's pinned host allocator
+    (`pin_memory()`, e.g. offloaded blocks' CPU copies), in use or cached; it is per process, and memory pinned
+    by registering existing host memory (cudaHostRegister) is not in it.
+    """
     import torch
 
     if not device.startswith("cuda") or not torch.cuda.is_available():
         return None
     index = torch.device(device).index or 0
-    return {"allocated_bytes": torch.cuda.memory_allocated(index), "reserved_bytes": torch.cuda.memory_reserved(index),
+    reserved = torch.cuda.memory_reserved(index)
+    free, total = torch.cuda.mem_get_info(index)
+    return {"allocated_bytes": torch.cuda.memory_allocated(index), "reserved_bytes": reserved,
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(index),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(index),
+            # the job thread may allocate or free between the two reads: the difference can dip below zero
+            "outside_allocator_bytes": max(total - free - reserved, 0),
+            "pinned_host_bytes": torch.cuda.host_memory_stats().get("allocated_bytes.current", 0),
             "total_bytes": torch.cuda.get_device_properties(index).total_memory}
 
 
@@ -73,7 +90,7 @@ class Heartbeat:
             info["gpu_memory"] = _gpu_memory(info["device"])
         try:
             self.services.store.record_worker(self.worker_id, info, HEARTBEAT_TTL_S)
-        except Exception:  # noqa: BLE001 - a store hiccup must not kill the worker; the next beat retries
+        except Exception:
             logger.exception("heartbeat failed worker_id=%s", self.worker_id)
 
     def _run(self) -> None:
@@ -117,7 +134,7 @@ def run_worker(settings: Settings, services: Services, stop: threading.Event) ->
             if settings.compile:
                 heartbeat.update(state="warming_up")
                 pipeline.warm_up(settings.frame_size or (448, 896))
-        except Exception as exc:  # noqa: BLE001 - reported through the heartbeat and the log
+        except Exception as exc:
             logger.exception("pipeline failed to load worker_id=%s", worker_id)
             heartbeat.update(state="failed", error=f"{type(exc).__name__}: {exc}")
             stop.wait()

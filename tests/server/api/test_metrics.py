@@ -96,6 +96,8 @@ def test_an_empty_store(store):
         "multitalk_workers_alive": "gauge", "multitalk_worker_ready": "gauge", "multitalk_worker_busy": "gauge",
         "multitalk_gpu_memory_allocated_bytes": "gauge", "multitalk_gpu_memory_reserved_bytes": "gauge",
         "multitalk_gpu_memory_total_bytes": "gauge",
+        "multitalk_gpu_memory_peak_allocated_bytes": "gauge", "multitalk_gpu_memory_peak_reserved_bytes": "gauge",
+        "multitalk_gpu_memory_outside_allocator_bytes": "gauge", "multitalk_gpu_memory_pinned_host_bytes": "gauge",
     }
     assert value(samples, "queue_depth") == value(samples, "jobs_running") == value(samples, "workers_alive") == 0
     assert [value(samples, "jobs_completed_total", outcome=o) for o in ("OK", "ERROR", "CANCELLED")] == [0, 0, 0]
