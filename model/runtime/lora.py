@@ -17,6 +17,8 @@ keys, and assumes the `diffusion_model.` prefix (a test checks that our pair tar
 - `.diff` / `.diff_b`: peft cannot express a full delta of a norm weight, so these are kept beside the
   adapter and added in place (`p += strength · delta`) when it is activated; the parameter's previous
   value is saved and copied back when it is deactivated, so "no LoRA" is bit-identical to the base.
+  With `offload blocks` both go to the blocks' CPU copies, which persist (a block left onloaded is
+  offloaded first), never to a device copy that the next onload replaces.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError, safe_open
 
 from model.network.transformer_multitalk import MultiTalkTransformer3DModel
+from model.runtime.memory import offload_onloaded_blocks
 from model.weights.keymaps import original_dit_key_map
 
 _PREFIX = "diffusion_model."
@@ -104,6 +107,7 @@ def use_lora(transformer: MultiTalkTransformer3DModel, name: str | None, scale: 
     if name is not None and name not in loras.deltas:
         raise LoraError(f"no LoRA named {name!r} is loaded (loaded: {sorted(loras.deltas)})")
     with torch.no_grad():
+        offload_onloaded_blocks(transformer)  # the deltas must change the weights that persist, not a device copy
         for (module, attribute), value in loras.saved.items():
             getattr(_base_layer(transformer, module), attribute).copy_(value)
         loras.saved.clear()

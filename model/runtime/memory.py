@@ -17,16 +17,20 @@ Expected difference from `bf16` (all differences come from the storage rounding,
   int8         weights rounded to int8 with one scale per output row (amax/127); the matmul runs on the
                int8 values cast to the compute dtype and the row scales multiply its output, so the
                model equals a bf16 model holding the dequantised weights up to rounding (≈ 7e-7 tested).
-`offload` (`apply_offload`) moves weights only: the outputs are bit-identical.
+`offload` (`apply_offload`) moves weights only: the outputs are bit-identical. `blocks` needs host memory for
+the blocks' weights once, exactly: one buffer per block of exactly its bytes (34.6 GiB for the 14B model in bf16,
+about half with fp8-storage or int8), page-locked in place on CUDA (`model/runtime/pinned_blocks.py`); start-up
+needs one block more while the blocks are copied there.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-from diffusers.hooks import HookRegistry
-from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+from diffusers.hooks.group_offloading import _GROUP_OFFLOADING, GroupOffloadingHook
 from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+from torch import nn
+
+from model.runtime.pinned_blocks import pack_blocks
 
 # Matched with re.search on module names, on top of the model's own `_skip_layerwise_casting_patterns`
 # (patch_embedding, condition_embedder, norm) and `_keep_in_fp32_modules`, which diffusers adds.
@@ -76,6 +80,10 @@ def apply_offload(transformer: nn.Module, mode: str, device: torch.device | str)
     after; everything outside the blocks (embeddings, audio projection, head: ~0.3B parameters) stays
     on `device`. Inputs reach the blocks unchanged: diffusers' hooks move tensors, and pass other
     arguments (the blocks' `AudioConditioning`, already built on `device`) through as they are.
+
+    Host memory: the blocks' weights once, each block in one buffer of exactly its bytes, page-locked in place
+    on CUDA (`pack_blocks`); diffusers keeps those buffers as its pinned CPU copies instead of pinning a copy of
+    every tensor (rounded up to a power of two each, beside the unpinned original).
     """
     device = torch.device(device)
     if mode == "none":
@@ -84,6 +92,7 @@ def apply_offload(transformer: nn.Module, mode: str, device: torch.device | str)
     if mode != "blocks":
         raise ValueError(f"unknown offload mode {mode!r}")
     streams = device.type == "cuda"
+    pack_blocks(transformer.blocks, pin=streams)
     transformer.enable_group_offload(
         onload_device=device,
         offload_device=torch.device("cpu"),
@@ -92,9 +101,27 @@ def apply_offload(transformer: nn.Module, mode: str, device: torch.device | str)
         non_blocking=True,
         use_stream=streams,  # prefetch block i+1 while block i computes
         record_stream=streams,  # free a block's device copy without a sync
-        low_cpu_mem_usage=False,  # pin the CPU copies once, so each transfer is a fast async DMA
+        low_cpu_mem_usage=False,  # keep pinned CPU copies (the packed buffers), so each transfer is a fast async DMA
     )
+    _keep_packed_subclass_copies(transformer)
     _keep_outside_blocks_on(transformer, device)
+
+
+def offload_onloaded_blocks(transformer: nn.Module) -> None:
+    """Bind every offloaded block's weights to their CPU copies, which persist, so that an in-place change of them
+    (a LoRA's full deltas) lasts. A no-op without offloading, and for a block already offloaded.
+
+    While a block is onloaded, diffusers binds its weights to a device copy that the block's next onload or offload
+    drops, and a forward can end with a block onloaded: on CUDA the hook outside the blocks prefetches block 0 at every
+    forward, and a step that TeaCache skips never runs it. A prefetch still in flight reads the CPU copies: it is
+    waited for before they change.
+    """
+    for block in transformer.blocks:
+        hook = _group_offloading_hook(block)
+        if hook is not None:
+            if hook.group.stream is not None:
+                hook.group.stream.synchronize()
+            hook.group.offload_()
 
 
 def is_block_linear(module: nn.Module, name: str) -> bool:
@@ -107,9 +134,30 @@ def _keep_outside_blocks_on(transformer: nn.Module, device: torch.device) -> Non
     """diffusers puts everything outside the blocks in one more group that it copies in and out around
     every forward (~0.6 GB each way for the 14B model, synchronously); retarget that group so it moves
     to `device` once and stays there."""
-    top_level = HookRegistry.check_if_exists_or_initialize(transformer).get_hook(_GROUP_OFFLOADING)
+    top_level = _group_offloading_hook(transformer)
     top_level.group.offload_device = device
     top_level.group.onload_()
+
+
+def _keep_packed_subclass_copies(transformer: nn.Module) -> None:
+    """Give diffusers a CPU copy of its own for each tensor-subclass weight (torchao's int8) of the packed blocks.
+
+    diffusers' CPU copy of such a weight is `weight.cpu().pin_memory()`, which for a packed, pinned weight is the
+    weight itself; and it onloads such a weight by swapping its contents with the device copy, so that "CPU copy"
+    would go to the device too, and offloading would leave the block there. A detached alias of the packed inner
+    tensors (no copy) stays where it is. Without streams diffusers keeps no CPU copies: nothing to do.
+    """
+    for block in transformer.blocks:
+        copies = _group_offloading_hook(block).group.cpu_param_dict
+        for tensor, copy in copies.items():
+            if copy is tensor:
+                copies[tensor] = tensor.detach()
+
+
+def _group_offloading_hook(module: nn.Module) -> GroupOffloadingHook | None:
+    """diffusers' group-offloading hook on `module` (each offloaded block, and the transformer), None without one."""
+    registry = getattr(module, "_diffusers_hook", None)
+    return None if registry is None else registry.get_hook(_GROUP_OFFLOADING)
 
 
 def _require_float8_matmuls(device: torch.device) -> None:

@@ -6,11 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+from diffusers.hooks import HookRegistry
+from diffusers.loaders.lora_conversion_utils import (
+    _convert_non_diffusers_wan_lora_to_diffusers,
+)
 from safetensors.torch import load_file, save_file
 
 from model.network.transformer_multitalk import MultiTalkTransformer3DModel
 from model.runtime.lora import LoraError, load_lora, loaded_loras, use_lora
+from model.runtime.memory import apply_offload
 from model.weights.keymaps import original_dit_key_map
 from model.weights.layout import find_layout, load_transformer
 from model.weights.tiny import write_tiny_lora
@@ -123,6 +127,72 @@ def test_no_lora_is_exactly_the_base_and_switching_is_repeatable(base, transform
     assert not torch.equal(with_a, with_b)
     with pytest.raises(LoraError, match="no LoRA named 'c'"):
         use_lora(transformer, "c")
+
+
+def _offloading_group(block: torch.nn.Module):
+    return HookRegistry.check_if_exists_or_initialize(block).get_hook("group_offloading").group
+
+
+def _onload_to_copies(model: MultiTalkTransformer3DModel) -> None:
+    """Make each offloaded block onload as on a GPU. There (CUDA streams) diffusers keeps the block's CPU tensors and,
+    while the block is onloaded, binds its parameters to device copies of them, which offloading drops by binding the
+    CPU tensors again; a CPU onload binds the CPU tensors themselves, so no change to an onloaded block could be lost.
+    """
+    for block in model.blocks:
+        cpu_tensors = {tensor: tensor.data for tensor in (*block.parameters(), *block.buffers())}
+
+        def onload(cpu_tensors=cpu_tensors) -> None:
+            for tensor, cpu_tensor in cpu_tensors.items():
+                tensor.data = cpu_tensor.clone()
+
+        def offload(cpu_tensors=cpu_tensors) -> None:
+            for tensor, cpu_tensor in cpu_tensors.items():
+                tensor.data = cpu_tensor
+
+        group = _offloading_group(block)
+        group.onload_, group.offload_ = onload, offload
+
+
+def test_a_switch_while_a_block_is_onloaded_changes_the_weights_that_persist(base, inputs, tmp_path):
+    """Under `offload blocks` on a GPU, a step that TeaCache skips leaves block 0 onloaded (prefetched by the hook
+    outside the blocks, never run): a LoRA switch must still change the CPU weights the next onload copies."""
+    path = write_tiny_lora(tmp_path / "lora.safetensors", base, rank=4)
+    resident = copy.deepcopy(base)
+    load_lora(resident, path, "fast")
+    use_lora(resident, "fast")
+    model = copy.deepcopy(base)
+    load_lora(model, path, "fast")
+    apply_offload(model, "blocks", "cpu")
+    _onload_to_copies(model)
+
+    _offloading_group(model.blocks[0]).onload_()
+    use_lora(model, "fast")
+    assert torch.equal(run(model, inputs), run(resident, inputs))
+    _offloading_group(model.blocks[0]).onload_()
+    use_lora(model, None)
+    assert torch.equal(run(model, inputs), run(base, inputs))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="prefetching (streamed offloading) needs CUDA")
+def test_a_switch_after_a_skipped_step_under_offload_on_cuda_changes_the_weights_that_persist(base, inputs, tmp_path):
+    path = write_tiny_lora(tmp_path / "lora.safetensors", base, rank=4)
+    on_cuda = {name: value.cuda() for name, value in inputs.items()}
+    skipped = {**on_cuda, "block_cache": lambda hidden_states, temb, timestep_proj, run_blocks: hidden_states}
+    resident = copy.deepcopy(base)
+    load_lora(resident, path, "fast")
+    apply_offload(resident, "none", "cuda")
+    use_lora(resident, "fast")
+    model = copy.deepcopy(base)
+    load_lora(model, path, "fast")
+    apply_offload(model, "blocks", "cuda")
+
+    plain = run(model, on_cuda)  # the first forward finds the blocks' order; from the next on, block 0 is prefetched
+    run(model, skipped)
+    use_lora(model, "fast")
+    assert torch.equal(run(model, on_cuda), run(resident, on_cuda))
+    run(model, skipped)
+    use_lora(model, None)
+    assert torch.equal(run(model, on_cuda), plain)
 
 
 def test_lora_a_b_naming_and_missing_prefix_load_the_same(base, transformer, inputs, tmp_path):

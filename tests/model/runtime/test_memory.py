@@ -4,13 +4,23 @@ Every test builds fresh tiny transformers (the options rewrite a model in place)
 3-pass guidance batch with two speakers, so audio attention and the reference map run in every block.
 """
 
+import gc
+import itertools
 import sys
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from model.network.audio_attention import AudioConditioning
-from model.runtime.memory import apply_offload, apply_weight_storage, is_block_linear, prepare_memory
+from model.runtime.memory import (
+    apply_offload,
+    apply_weight_storage,
+    is_block_linear,
+    prepare_memory,
+)
+from model.runtime.pinned_blocks import pack_blocks
 from model.weights.layout import find_layout, load_transformer
 
 from guidance_inputs import tiny_guidance_inputs
@@ -23,13 +33,14 @@ def _model(tiny_weights, dtype=torch.float32):
     return load_transformer(find_layout(tiny_weights["multitalk"]), torch.float32).to(dtype)
 
 
-def _velocity(model, dtype=torch.float32) -> torch.Tensor:
-    """Raw predictions [3, 16, 3, 8, 8] of one batched cond / drop-text / uncond forward."""
+def _velocity(model, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Raw predictions [3, 16, 3, 8, 8] of one batched cond / drop-text / uncond forward, inputs on `device`."""
     generator = torch.Generator().manual_seed(0)
     kwargs = tiny_guidance_inputs(model, 2, generator).transformer_kwargs(5.0, dtype)
+    kwargs = {name: value.to(device) if torch.is_tensor(value) else value for name, value in kwargs.items()}
     latent = torch.randn(1, 36, 3, 8, 8, generator=generator).to(dtype).expand(3, -1, -1, -1, -1)
     with torch.no_grad():
-        return model(latent, torch.tensor([700.0]).expand(3), **kwargs).sample
+        return model(latent.to(device), torch.tensor([700.0], device=device).expand(3), **kwargs).sample
 
 
 def _block_linears(model) -> dict[str, torch.nn.Linear]:
@@ -61,6 +72,105 @@ def test_offload_blocks_is_bit_identical(tiny_weights):
     for _ in range(2):  # the second forward runs on the hooks' state after the first
         assert torch.equal(_velocity(model), expected)
     assert all(isinstance(audio, AudioConditioning) for audio in seen) and len(seen) == 2
+
+
+def _plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding `tensor`'s values: itself, or those inside a tensor subclass (torchao's int8)."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return [inner for name in names for inner in _plain_tensors(getattr(tensor, name))]
+    return [tensor]
+
+
+def _block_storage(block) -> torch.UntypedStorage:
+    """The one storage holding all of `block`'s parameters and buffers, checked to be exactly their packed bytes:
+    each plain tensor from a multiple of 64 bytes (torch's CPU alignment), none overlapping."""
+    tensors = [plain for tensor in (*block.parameters(), *block.buffers()) for plain in _plain_tensors(tensor)]
+    storage = tensors[0].untyped_storage()
+    assert {tensor.untyped_storage().data_ptr() for tensor in tensors} == {storage.data_ptr()}
+    assert storage.nbytes() == sum(-(-tensor.nbytes // 64) * 64 for tensor in tensors)
+    spans = sorted((tensor.data_ptr() - storage.data_ptr(), tensor.nbytes) for tensor in tensors)
+    assert all(start % 64 == 0 for start, _ in spans)
+    assert all(start + nbytes <= following for (start, nbytes), (following, _) in itertools.pairwise(spans))
+    return storage
+
+
+@pytest.mark.parametrize("weights", ["bf16", "fp8-storage", "int8"])
+def test_offload_blocks_keeps_each_block_in_one_buffer_of_its_exact_bytes_and_frees_the_old_ones(tiny_weights, weights):
+    resident = _model(tiny_weights, torch.bfloat16)
+    prepare_memory(resident, weights, "none", "cpu")
+    model = _model(tiny_weights, torch.bfloat16)
+    apply_weight_storage(model, weights, "cpu")
+    before = [StorageWeakRef(plain.untyped_storage()) for tensor in model.blocks.parameters()
+              for plain in _plain_tensors(tensor)]
+    apply_offload(model, "blocks", "cpu")
+    assert len({_block_storage(block).data_ptr() for block in model.blocks}) == len(model.blocks)
+    assert all(storage.expired() for storage in before)  # the packing copied each tensor once, keeping no original
+    assert torch.equal(_velocity(model, torch.bfloat16), _velocity(resident, torch.bfloat16))
+
+
+class _RecordingCudart:
+    """Stands in for `torch.cuda.cudart()`: records host registrations, answers cudaHostRegister with `error`."""
+
+    def __init__(self, error: int = 0):
+        self.error, self.registered, self.unregistered = error, [], []
+
+    def cudaHostRegister(self, address: int, nbytes: int, flags: int) -> int:
+        self.registered.append((address, nbytes))
+        return self.error
+
+    def cudaHostUnregister(self, address: int) -> int:
+        self.unregistered.append(address)
+        return 0
+
+    def cudaGetErrorString(self, error: int) -> str:
+        return "out of memory"
+
+
+def test_pinning_registers_each_block_buffer_once_in_place_until_it_is_freed(tiny_weights, monkeypatch):
+    """What the CUDA path asks of CUDA (the registration's effect needs a GPU: see the CUDA test below)."""
+    cudart = _RecordingCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    model = _model(tiny_weights)
+    pack_blocks(model.blocks, pin=True)
+    storages = [_block_storage(block) for block in model.blocks]
+    assert cudart.registered == [(storage.data_ptr(), storage.nbytes()) for storage in storages]
+    assert cudart.unregistered == []
+    del model, storages
+    gc.collect()
+    assert sorted(cudart.unregistered) == sorted(address for address, _ in cudart.registered)
+
+
+def test_a_refused_page_lock_names_the_block_and_the_cuda_error(tiny_weights, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: _RecordingCudart(error=2))
+    with pytest.raises(RuntimeError, match=r"could not page-lock the \d+ bytes of host memory of block 0 for CUDA "
+                                           r"copies: cudaHostRegister failed with error 2 \(out of memory\)"):
+        pack_blocks(_model(tiny_weights).blocks, pin=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory and streamed offloading need CUDA")
+@pytest.mark.parametrize("weights", ["bf16", "fp8-storage", "int8"])
+def test_offload_blocks_on_cuda_streams_every_block_from_its_pinned_buffer(tiny_weights, weights):
+    """diffusers keeps the packed, page-locked buffers as its CPU copies (no copy of its own), every block returns
+    to them after each forward, and the outputs equal the resident model's."""
+    from diffusers.hooks import HookRegistry
+
+    resident = _model(tiny_weights, torch.bfloat16)
+    prepare_memory(resident, weights, "none", "cuda")
+    model = _model(tiny_weights, torch.bfloat16)
+    prepare_memory(model, weights, "blocks", "cuda")
+    storages = [_block_storage(block) for block in model.blocks]
+    for block, storage in zip(model.blocks, storages):
+        copies = HookRegistry.check_if_exists_or_initialize(block).get_hook("group_offloading").group.cpu_param_dict
+        assert len(copies) == len(list(block.parameters()))
+        for tensor, copy in copies.items():
+            assert copy is not tensor  # a torchao weight's own copy would follow it to the GPU
+            for plain in _plain_tensors(copy):
+                assert plain.untyped_storage().data_ptr() == storage.data_ptr() and plain.is_pinned()
+    expected = _velocity(resident, torch.bfloat16, "cuda")
+    for _ in range(2):  # the second forward runs on the hooks' state after the first (prefetching)
+        assert torch.equal(_velocity(model, torch.bfloat16, "cuda"), expected)
+        assert [_block_storage(block).data_ptr() for block in model.blocks] == [s.data_ptr() for s in storages]
 
 
 def test_offload_none_places_the_model_on_the_device(tiny_weights):
