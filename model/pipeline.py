@@ -22,21 +22,52 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from model.contract.errors import GenerationCancelled, InputError
-from model.contract.fields import seed_or_random
-from model.contract.request import GenerationRequest, GenerationResult, Progress, ProgressCallback
-from model.media.audio_input import SAMPLE_RATE, SAMPLES_PER_FRAME, combine_speakers, fit_length, load_speech
-from model.media.image_input import choose_bucket, load_image, pixels_to_tensor, resize_and_center_crop
+from model.contract.fields import ACCELERATION, RESOLUTION, seed_or_random
+from model.contract.request import (
+    GenerationRequest,
+    GenerationResult,
+    Progress,
+    ProgressCallback,
+)
+from model.media.audio_input import (
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    combine_speakers,
+    fit_length,
+    load_speech,
+)
+from model.media.image_input import (
+    choose_bucket,
+    load_image,
+    pixels_to_tensor,
+    resize_and_center_crop,
+)
 from model.media.person_masks import detect_speaker_boxes, person_masks, validate_boxes
 from model.media.video_output import Mp4Writer, frames_to_uint8
 from model.runtime.execution import ExecutionOptions, prepare_transformer
 from model.runtime.lora import load_lora, loaded_loras, use_lora
+from model.runtime.memory_budget import keeps_text_encoder_on_cpu
 from model.sampling.acceleration import SamplingRecipe, recipe_for
-from model.sampling.guidance import GuidanceCombiner, GuidanceConfig, guided_velocity, random_guidance_inputs
+from model.sampling.guidance import (
+    GuidanceCombiner,
+    guided_velocity,
+    random_guidance_inputs,
+)
 from model.sampling.long_video import ClipPlan, plan_clips
 from model.sampling.schedule import sampling_timesteps
 from model.sampling.teacache import TeaCacheConfig
-from model.sampling.video_generation import LATENT_CHANNELS, SamplingSettings, VideoConditioning, generate_video_clips
-from model.weights.layout import MultiTalkComponents, Precision, find_layout, load_components
+from model.sampling.video_generation import (
+    LATENT_CHANNELS,
+    SamplingSettings,
+    VideoConditioning,
+    generate_video_clips,
+)
+from model.weights.layout import (
+    MultiTalkComponents,
+    Precision,
+    find_layout,
+    load_components,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +117,15 @@ class Pipeline:
                  execution: ExecutionOptions = ExecutionOptions()):
         """`components.transformer` must already be prepared with `execution` (see `prepare_transformer`).
 
-        With `execution.text_encoder_on_cpu` the text encoder lives in CPU memory and visits the device once per
-        request for the prompts.
+        The text encoder lives in CPU memory and visits the device once per request for the prompts when block
+        offload asks for it or the memory plan finds no room for it beside the largest request
+        (`keeps_text_encoder_on_cpu`).
         """
         self.components = components
         self.device = torch.device(device)
         self.execution = execution
-        if execution.text_encoder_on_cpu:
+        self.text_encoder_on_cpu = keeps_text_encoder_on_cpu(execution.weights, execution.offload, self.device)
+        if self.text_encoder_on_cpu:
             components.text_encoder.model.to("cpu")
 
     @classmethod
@@ -103,7 +136,7 @@ class Pipeline:
         started = time.perf_counter()
         layout = find_layout(Path(root))
         on_cpu = {"transformer"} if execution.loads_on_cpu_first else set()
-        if execution.text_encoder_on_cpu:
+        if keeps_text_encoder_on_cpu(execution.weights, execution.offload, torch.device(device)):
             on_cpu.add("text_encoder")
         pipeline = cls(load_components(layout, device, precision, on_cpu), device, execution)
         lora_dir = Path(root) / "loras"
@@ -116,24 +149,40 @@ class Pipeline:
         return pipeline
 
     def warm_up(self, frame_size: tuple[int, int] = (448, 896), frames: int = 81) -> float:
-        """One denoising step of both guidance schedules (3 and 2 passes, two speakers) at `frame_size` on random
-        inputs, so that torch.compile compiles, and the kernels autotune, at start-up instead of in the first
-        request. Returns the seconds it took."""
+        """One denoising step in each state that the server's requests put the transformer blocks in, at `frame_size`
+        and a clip of `frames` video frames on random inputs, so that torch.compile compiles, and the kernels
+        autotune, at start-up instead of in a request. Returns the seconds it took.
+
+        A state is what one compiled graph cannot serve for another: the guidance passes and LoRA of each
+        `acceleration` preset with the loaded LoRAs (3 passes without LoRA; 2 passes with each distilled LoRA a preset
+        picks), each with two speakers and with one (their batches run different code: L-RoPE and the reference map
+        only for two). That is 2 steps without LoRAs and at most 6 with FusionX and lightx2v installed, each one
+        compile and one step. Frame size and clip length need no steps of their own: the transformer marks those
+        sizes dynamic (`mark_grid_sizes_dynamic`), so the graphs compiled here serve every bucket and clip length.
+        TeaCache needs none either: it decides whether the blocks run, not what they are given. (A 2-pass request
+        without LoRA or a 3-pass one with a LoRA needs an explicit `text_scale`, which only the CLI takes: compiled
+        there on first use.)
+        """
         started = time.perf_counter()
         transformer = self.components.transformer
         config = transformer.config
         grid = ((frames - 1) // config.vae_scale + 1, frame_size[0] // 8, frame_size[1] // 8)
+        presets = (recipe_for(acceleration, resolution, self.loras)
+                   for acceleration in ACCELERATION.choices for resolution in RESOLUTION.choices)
+        recipes = {(len(recipe.guidance.pass_names), recipe.lora, recipe.lora_scale): recipe for recipe in presets}
         generator = torch.Generator(self.device).manual_seed(0)
-        inputs = random_guidance_inputs(config, grid, 2, generator)
         latent = torch.randn(1, 4 + 2 * LATENT_CHANNELS, *grid, generator=generator, device=self.device)
         timestep = torch.full((1,), 999.0, device=self.device)
-        for text_scale in (5.0, 1.0):
-            guidance = GuidanceConfig(text_scale=text_scale)
-            batch_kwargs = inputs.transformer_kwargs(text_scale, transformer.dtype)
-            guided_velocity(transformer, latent, timestep, batch_kwargs, GuidanceCombiner(guidance),
-                            batched=not self.execution.reference_schedule)
+        for speakers in (2, 1):
+            inputs = random_guidance_inputs(config, grid, speakers, generator)
+            for recipe in recipes.values():
+                use_lora(transformer, recipe.lora, recipe.lora_scale)
+                batch_kwargs = inputs.transformer_kwargs(recipe.guidance.text_scale, transformer.dtype)
+                guided_velocity(transformer, latent, timestep, batch_kwargs, GuidanceCombiner(recipe.guidance),
+                                batched=not self.execution.reference_schedule)
+        use_lora(transformer, None)
         seconds = time.perf_counter() - started
-        logger.info("warm-up done frame_size=%dx%d seconds=%.1f", *frame_size, seconds)
+        logger.info("warm-up done frame_size=%dx%d states=%d seconds=%.1f", *frame_size, 2 * len(recipes), seconds)
         return seconds
 
     @property
@@ -161,7 +210,7 @@ class Pipeline:
         c = self.components
         embeddings = speaker_embeddings(c.audio_encoder, tracks.per_speaker, clips[-1].start + clips[-1].frames)
         negative = request.negative_prompt or DEFAULT_NEGATIVE_PROMPT
-        with visiting(c.text_encoder.model, self.device, self.execution.text_encoder_on_cpu):
+        with visiting(c.text_encoder.model, self.device, self.text_encoder_on_cpu):
             context, negative_context = (t.float() for t in c.text_encoder.encode([request.prompt, negative]))
         conditioning = VideoConditioning(reference, embeddings, context, negative_context, masks)
         timings["encode_s"] = time.perf_counter() - mark

@@ -198,6 +198,10 @@ class Settings:
                 FIELDS[name].check(value)
             except InputError as exc:
                 problems.append(str(exc))
+        try:  # ExecutionOptions refuse combinations that cannot work (compile with fp8-storage)
+            _ = self.execution
+        except ValueError as exc:
+            problems.append(str(exc))
         if problems:
             raise ValueError("; ".join(problems))
 

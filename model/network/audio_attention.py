@@ -31,20 +31,25 @@ class AudioConditioning:
     num_speakers: speakers of each batch item (1 or 2); item b uses the first num_speakers[b]·K tokens.
     token_masks: [B, 3, L_ref] person 1 / person 2 / background over the first latent frame's tokens.
     grid: (T, N_h, N_w) token grid of the video.
-    local: the tokens this rank holds (all of them unless the sequence is split across GPUs).
+    local: the tokens this rank holds when the sequence is split across GPUs; None: all of them. None rather
+        than a `LocalTokens` covering everything, because its bounds are Python ints that torch.compile would
+        specialise the compiled blocks on (one graph per frame size and clip length); the processor takes the
+        sizes from the tensors instead, which the transformer marks dynamic.
     map_everywhere: compute the reference map for every item, as the original does (reference schedule,
         parity checks); otherwise only for 2-speaker items, the only ones that use it.
 
     Batch items are addressed by slices of runs of equal speaker count (guidance orders its passes so
     that the 2-speaker ones come first): indexing with a Python list would copy an index tensor to the
-    device, a host sync, in every block.
+    device, a host sync, in every block. Under torch.compile each speaker layout (`num_speakers`) is a graph
+    of its own: the layouts run different code (L-RoPE and the reference map only for two speakers), and
+    there are few of them (`Pipeline.warm_up` compiles every one the server runs).
     """
 
     tokens: torch.Tensor
     num_speakers: list[int]
     token_masks: torch.Tensor
     grid: tuple[int, int, int]
-    local: LocalTokens
+    local: LocalTokens | None
     map_everywhere: bool = False
 
     def speaker_runs(self) -> list[tuple[int, slice]]:
@@ -114,31 +119,35 @@ class MultiTalkAudioAttnProcessor:
         reference_map: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states [B, S, dim]; reference_map [b, 3, S] for the items `audio.reference_map_items()`."""
-        frames = audio.local.frames.stop - audio.local.frames.start
         heads, tokens_per_speaker = attn.heads, attn.tokens_per_speaker
         query = attn.to_q(hidden_states).unflatten(-1, (heads, -1))  # [B, S, H, D]
         key, value = attn.to_kv(audio.tokens).chunk(2, dim=-1)  # [B, T, N_a, dim] each
         map_items = audio.reference_map_items()
         local = audio.local
+        local_frames = slice(None) if local is None else local.frames
+        extremes = _row_extremes if local is None else local.extremes
 
         out = torch.empty_like(query)
         for speakers, items in audio.speaker_runs():
             n_keys = speakers * tokens_per_speaker
             q = query[items]
-            k = key[items, local.frames, :n_keys].unflatten(-1, (heads, -1))  # [b, T_local, n_keys, H, D]
-            v = value[items, local.frames, :n_keys].unflatten(-1, (heads, -1))
+            k = key[items, local_frames, :n_keys].unflatten(-1, (heads, -1))  # [b, T_local, n_keys, H, D]
+            v = value[items, local_frames, :n_keys].unflatten(-1, (heads, -1))
+            frames = k.shape[1]  # T_local, from a shape: torch.compile keeps it symbolic
             if speakers == 2:
                 ref = reference_map[items.start - map_items.start : items.stop - map_items.start]
-                q = apply_rope_1d(q, label_rope_positions(ref, attn.class_range, attn.class_interval, local.extremes))
+                q = apply_rope_1d(q, label_rope_positions(ref, attn.class_range, attn.class_interval, extremes))
                 k = apply_rope_1d(k, attn.speaker_key_positions(tokens_per_speaker, k.device))
             elif speakers != 1:
                 raise ValueError(f"MultiTalk supports 1 or 2 speakers, got {speakers}")
-            # A rank's tokens need not start or end on a frame boundary: pad them out to whole frames.
-            q = local.pad_to_frames(q).unflatten(1, (frames, -1)).flatten(0, 1)  # [b·T_local, L, H, D]
+            if local is not None:  # a rank's tokens need not start or end on a frame boundary: pad to whole frames
+                q = local.pad_to_frames(q)
+            q = q.unflatten(1, (frames, -1)).flatten(0, 1)  # [b·T_local, L, H, D]
             run_out = dispatch_attention_fn(
                 q, k.flatten(0, 1), v.flatten(0, 1), dropout_p=0.0, is_causal=False, backend=self._attention_backend
             )
-            out[items] = local.unpad(run_out.unflatten(0, (-1, frames)).flatten(1, 2)).type_as(out)
+            run_out = run_out.unflatten(0, (-1, frames)).flatten(1, 2)  # [b, T_local·L, H, D]
+            out[items] = (run_out if local is None else local.unpad(run_out)).type_as(out)
         return attn.to_out(out.flatten(2, 3))
 
 

@@ -20,7 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
-from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models._modeling_parallel import (
+    ContextParallelInput,
+    ContextParallelOutput,
+)
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import (
@@ -32,7 +35,10 @@ from diffusers.models.transformers.transformer_wan import (
 from model.network.audio_attention import AudioConditioning, MultiTalkAudioAttention
 from model.network.audio_projection import MultiTalkAudioProjModel
 from model.network.configs import TEXT_LEN
-from model.network.reference_attention import MultiTalkSelfAttnProcessor, ReferenceMapRequest
+from model.network.reference_attention import (
+    MultiTalkSelfAttnProcessor,
+    ReferenceMapRequest,
+)
 from model.network.sequence_parallel import LocalTokens
 
 
@@ -74,6 +80,47 @@ class CachedWanRotaryTables(WanRotaryPosEmbed):
         return self._tables[key]
 
 
+# The two token-wise updates around attention and the FFN, written in place on one fp32 temporary: the
+# expressions `norm(x) * (1 + scale) + shift` and `x.float() + y * gate` hold up to three fp32 copies of the
+# activations at once (≈ 2 GB each for 480p with 3 guidance passes, 4.6 GB at 720p), these hold one. Same
+# operations in the same order (fp32 addition commutes), so the results are bit-identical.
+def modulated(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """`normed * (1 + scale) + shift` in place on `normed` (a fresh fp32 tensor)."""
+    return normed.mul_(1 + scale).add_(shift)
+
+
+def gated_residual(residual: torch.Tensor, update: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """`residual.float() + update * gate` (gate fp32) rounded to the residual's dtype."""
+    return (update * gate).add_(residual).type_as(residual)
+
+
+class TokenChunkedRMSNorm(nn.RMSNorm):
+    """Wan's q/k RMSNorm across heads, applied to a few thousand tokens at a time outside torch.compile.
+
+    Eager `rms_norm` upcasts its whole input to fp32 and keeps about three fp32 copies alive: for 3 guidance
+    passes at 480p that is ≈ 5.8 GB on top of the step's other activations, and it is the step's peak (the
+    query norm of the cross-attention). The norm is row-wise, so normalising slices of tokens gives the same
+    numbers. Compiled blocks fuse the norm and need no slicing.
+    """
+
+    chunk_tokens = 4096
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__(dim, eps=eps, elementwise_affine=True)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        tokens = hidden_states.shape[-2]
+        if torch.compiler.is_compiling() or tokens <= self.chunk_tokens:  # compiling first: no guard on the size
+            return super().forward(hidden_states)
+        out = None
+        for start in range(0, tokens, self.chunk_tokens):
+            normed = super().forward(hidden_states[..., start : start + self.chunk_tokens, :])
+            if out is None:
+                out = hidden_states.new_empty(hidden_states.shape, dtype=normed.dtype)
+            out[..., start : start + normed.shape[-2], :] = normed
+        return out
+
+
 class MultiTalkTransformerBlock(WanTransformerBlock):
     """Wan block + MultiTalk's audio cross-attention (after the text/image cross-attention)."""
 
@@ -92,6 +139,9 @@ class MultiTalkTransformerBlock(WanTransformerBlock):
     ):
         super().__init__(dim, ffn_dim, num_heads, "rms_norm_across_heads", cross_attn_norm, eps, added_kv_proj_dim)
         self.attn1.set_processor(MultiTalkSelfAttnProcessor())
+        for attention in (self.attn1, self.attn2):
+            attention.norm_q = TokenChunkedRMSNorm(dim, eps)
+            attention.norm_k = TokenChunkedRMSNorm(dim, eps)
         self.norm_audio = FP32LayerNorm(dim, eps, elementwise_affine=True)
         self.audio_attn = MultiTalkAudioAttention(
             dim, num_heads, audio_output_dim, audio_context_tokens, class_range, class_interval
@@ -116,9 +166,9 @@ class MultiTalkTransformerBlock(WanTransformerBlock):
         if map_items is not None:
             map_request = ReferenceMapRequest(map_items, audio.token_masks[map_items], fused=not audio.map_everywhere,
                                               local=audio.local)
-        norm_hidden_states = (self.norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(hidden_states)
+        norm_hidden_states = modulated(self.norm1(hidden_states.float()), scale_msa, shift_msa).type_as(hidden_states)
         attn_output = self.attn1(norm_hidden_states, None, None, rotary_emb, reference_map=map_request)
-        hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
+        hidden_states = gated_residual(hidden_states, attn_output, gate_msa)
 
         # 2. Text + image cross-attention
         norm_hidden_states = self.norm2(hidden_states.float()).type_as(hidden_states)
@@ -131,17 +181,34 @@ class MultiTalkTransformerBlock(WanTransformerBlock):
             hidden_states = hidden_states + self.audio_attn(norm_hidden_states, audio, reference_map)
 
         # 4. Feed-forward
-        norm_hidden_states = (self.norm3(hidden_states.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(
-            hidden_states
-        )
-        ff_output = self.ffn(norm_hidden_states)
-        return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
+        norm_hidden_states = modulated(self.norm3(hidden_states.float()), c_scale_msa, c_shift_msa).type_as(hidden_states)
+        return gated_residual(hidden_states, self.ffn(norm_hidden_states), c_gate_msa)
+
 
 
 TransformerBlockRegistry.register(
     MultiTalkTransformerBlock,
     TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None),
 )
+
+
+def mark_grid_sizes_dynamic(hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor],
+                            audio: AudioConditioning) -> None:
+    """Mark the block inputs' sizes that follow the request's frame size and clip length as dynamic for torch.compile:
+    the tokens S of the hidden states and RoPE tables, the latent frames T of the audio tokens and the tokens per
+    frame N_h·N_w of the person masks.
+
+    Compiled blocks (`ExecutionOptions.compile`) are then traced once with symbolic sizes and serve every bucket of
+    both resolutions and every clip length without recompiling; left static, each new grid would recompile the
+    blocks mid-request (minutes on the 14B model), and after torch._dynamo's recompile limit run them eagerly.
+    `maybe_`: a size that some kernel needs static costs a recompile instead of failing the request. Without
+    compilation this only tags the tensors.
+    """
+    torch._dynamo.maybe_mark_dynamic(hidden_states, 1)
+    for table in rotary_emb:
+        torch._dynamo.maybe_mark_dynamic(table, 1)
+    torch._dynamo.maybe_mark_dynamic(audio.tokens, 1)
+    torch._dynamo.maybe_mark_dynamic(audio.token_masks, 2)
 
 
 class MultiTalkTransformer3DModel(WanTransformer3DModel):
@@ -262,7 +329,8 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         masks = F.interpolate(masks.float(), size=grid[1:], mode="nearest") > 0
         token_masks = masks.flatten(2).to(dtype)  # [B, 3, N_h·N_w]
         local = LocalTokens.of(grid[0] * grid[1] * grid[2], grid[1] * grid[2], self._parallel_config)
-        return AudioConditioning(tokens.to(dtype), speakers, token_masks, grid, local, self.reference_map_mode == "original")
+        return AudioConditioning(tokens.to(dtype), speakers, token_masks, grid, local if local.is_parallel else None,
+                                 self.reference_map_mode == "original")
 
     def time_conditioning(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """timestep [B] → time embedding [B, dim] and the blocks' modulation input [B, 6·dim], both in fp32.
@@ -322,6 +390,7 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
 
         audio = self._audio_conditioning(audio_embeds, num_speakers, ref_target_masks, grid, hidden_states.dtype)
         hidden_states = self.token_shard(hidden_states)  # [B, S_local, dim]
+        mark_grid_sizes_dynamic(hidden_states, rotary_emb, audio)
 
         def run_blocks(states: torch.Tensor) -> torch.Tensor:
             for block in self.blocks:

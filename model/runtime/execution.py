@@ -25,7 +25,9 @@ class ExecutionOptions:
         any GPU), `int8` (int8 weight-only).
     offload: `blocks` keeps the DiT's blocks in CPU memory and streams them to the GPU one group at a time,
         overlapped with compute, and keeps the text encoder in CPU memory between requests (480p on a 24 GB GPU).
-    compile: compile each transformer block with torch.compile (regional), warmed up at load.
+    compile: compile each transformer block with torch.compile (regional), warmed up at load. Combines with
+        `offload='blocks'` (the offloading hooks run between the compiled graphs); refused with `fp8-storage`
+        (see `__post_init__`).
     reference_schedule: run as the original schedules the work: guidance passes one at a time at batch 1 and
         the reference map in every pass with an explicit softmax. Same numbers, slower: benchmarks, parity.
     sequence_parallel: split every forward's tokens over this many ranks of a torchrun process group
@@ -46,16 +48,20 @@ class ExecutionOptions:
             raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {self.offload!r}")
         if self.sequence_parallel < 1:
             raise ValueError(f"sequence_parallel must be at least 1, got {self.sequence_parallel}")
+        if self.compile and self.weights == "fp8-storage":
+            # Tried on the tiny model: the outputs match eager, but every Linear is a graph break, and the fragments
+            # between them recompile for new frame sizes and speaker counts.
+            raise ValueError(
+                "compile cannot be combined with weights='fp8-storage': its per-layer upcasts (diffusers' layerwise "
+                "casting hooks, which convert each Linear's weights with module.to) cannot be traced by torch.compile, "
+                "so the blocks would run as one graph per layer and recompile for every frame size; use "
+                "weights='int8' (or 'fp8' on Ada/Hopper GPUs) with compile, or weights='fp8-storage' without compile"
+            )
 
     @property
     def loads_on_cpu_first(self) -> bool:
         """Quantised or offloaded transformers are converted on the CPU, so the GPU never holds full bf16 weights."""
         return self.weights != "bf16" or self.offload != "none"
-
-    @property
-    def text_encoder_on_cpu(self) -> bool:
-        """Small-GPU mode keeps umT5-XXL (≈ 11 GB) in CPU memory; it visits the GPU once per request."""
-        return self.offload == "blocks"
 
 
 def prepare_transformer(transformer, options: ExecutionOptions, device) -> str:
@@ -80,8 +86,10 @@ def prepare_transformer(transformer, options: ExecutionOptions, device) -> str:
     if parallel:
         enable_sequence_parallel(transformer, options.sequence_parallel)
     if options.compile:
-        # Not fullgraph: a kernel without a compile-friendly op (some attention backends) then costs a graph
-        # break instead of failing the start-up.
+        # Not fullgraph: block offloading's onload/offload (compiler-disabled in diffusers) and a kernel without a
+        # compile-friendly op (some attention backends) are graph breaks instead of failing the start-up. The sizes
+        # that follow the request's grid are marked dynamic by the transformer (`mark_grid_sizes_dynamic`); the
+        # few discrete states (speakers, guidance passes, LoRA) are compiled by `Pipeline.warm_up`.
         transformer.compile_repeated_blocks()
     logger.info("transformer prepared device=%s attention=%s weights=%s offload=%s compile=%s reference_schedule=%s "
                 "sequence_parallel=%d", device, backend, options.weights, options.offload, options.compile,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Literal, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
+from model.runtime.memory_budget import DEFAULT_GPU_BYTES, MemoryCase, predict
 from model.weights.download import existing_ancestor
 from server.settings import OPTIONS, Settings, load_settings
 
@@ -29,23 +30,11 @@ GB = 1000**3
 MIN_PYTHON = (3, 10)  # pyproject.toml's requires-python
 # The pipeline runs the transformer and T5 in bf16 on CUDA, which GPUs before Ampere only emulate.
 MIN_COMPUTE_CAPABILITY = (8, 0)
-# Guidance for the real checkpoints at 480p, counted from parameter counts, not measured: everything stays
-# resident on the GPU. The transformer has 18.9B parameters (Wan2.1-I2V's 16.4B + the 2.5B audio adapter):
-# ≈ 38 GB in bf16, half with fp8/int8 storage, ≈ 1 GB outside the blocks when they are offloaded. umT5-XXL
-# (bf16, ≈ 11 GB, kept in CPU memory when offloading), CLIP ViT-H (fp16), the VAE and wav2vec2 add ≈ 13 GB;
-# an 81-frame clip's activations, an estimated ≈ 8 GB more. The tiny demo weights need none of this.
-TRANSFORMER_BF16_BYTES = 38 * GB
-TRANSFORMER_OUTSIDE_BLOCKS_BYTES = 1 * GB
-ENCODERS_BYTES = 13 * GB
-TEXT_ENCODER_BYTES = 11 * GB
-ACTIVATIONS_480P_BYTES = 8 * GB
-HALF_PRECISION_WEIGHT_MODES = ("fp8", "fp8-storage", "int8")
-RAM_RECOMMENDED_BYTES = 64 * GB  # checkpoints stream shard by shard; T5 and CLIP add ≈ 12 GB
 # The data dir holds the job store, uploads, fetched inputs and videos (a few MB each) until retention.
 DATA_DISK_MIN_BYTES = 1 * GB
 DATA_DISK_RECOMMENDED_BYTES = 20 * GB
 # Only these settings steer the checks; the settings check validates all the others.
-DOCTOR_SETTINGS = ("weights", "data_dir", "redis_url", "device")
+DOCTOR_SETTINGS = ("weights", "data_dir", "redis_url", "device", "weight_storage", "offload")
 CUDA_WHEEL_INDEX = "https://download.pytorch.org/whl/cu126"  # the Dockerfile's
 
 
@@ -152,32 +141,36 @@ def gpu_memory(device: str = "auto") -> tuple[int, int] | None:
     return torch.cuda.mem_get_info(_cuda_index(device))
 
 
+def _memory_case(resolution: str, weight_storage: str, offload: str) -> MemoryCase:
+    """A two-speaker request with 3 guidance passes (`none` and the TeaCache presets: the most activations)."""
+    return MemoryCase(resolution, 2, 3, weight_storage, offload)
+
+
 def check_vram(weights: str, memory: tuple[int, int] | None, weight_storage: str = "bf16",
                offload: str = "none") -> Check:
-    """Free GPU memory against the guidance for the real weights (`memory` from `gpu_memory`) under the
-    configured memory options."""
+    """Free GPU memory (`memory` from `gpu_memory`) against the memory plan's predicted peak for the published
+    weights under the configured options (`model.runtime.memory_budget`): a 480p request must fit, 720p should."""
     if weights == "tiny":
         shown = f"{_gb(memory[0])} free of {_gb(memory[1])}; " if memory else ""
         return Check("vram", "ok", f"{shown}the tiny demo weights need little memory")
-    if offload == "blocks":  # the blocks and the text encoder stay in CPU memory
-        resident = TRANSFORMER_OUTSIDE_BLOCKS_BYTES + ENCODERS_BYTES - TEXT_ENCODER_BYTES
-    else:
-        transformer = TRANSFORMER_BF16_BYTES // (2 if weight_storage in HALF_PRECISION_WEIGHT_MODES else 1)
-        resident = transformer + ENCODERS_BYTES
-    recommended = resident + ACTIVATIONS_480P_BYTES
+    total = memory[1] if memory else DEFAULT_GPU_BYTES
+    p480, p720 = (predict(_memory_case(resolution, weight_storage, offload), gpu_bytes=total)
+                  for resolution in ("480p", "720p"))
     if memory is None:
         return Check("vram", "warn", "no GPU memory to measure",
-                     f"Fix the gpu check: the real model wants a GPU with about {_gb(recommended)} free.")
-    free, total = memory
-    detail = f"{_gb(free)} free of {_gb(total)} (weight storage {weight_storage}, offload {offload})"
-    fix = (f"Free the GPU (see nvidia-smi for other processes), use a bigger one, or save memory: "
-           f"MULTITALK_WEIGHT_STORAGE=fp8 (Ada/Hopper) or int8 halves the transformer's weights, and "
-           f"MULTITALK_OFFLOAD=blocks streams them from CPU memory; as guidance, this configuration wants about "
-           f"{_gb(recommended)}.")
-    if free < resident:
-        return Check("vram", "fail", f"{detail}: less than the ≈ {_gb(resident)} of weights kept on the GPU", fix)
-    if free < recommended:
-        return Check("vram", "warn", f"{detail}: the weights fit, long or 720p clips may not", fix)
+                     f"Fix the gpu check: the real model wants a GPU with about {_gb(p480.gpu_peak_bytes)} free "
+                     f"for 480p ({_gb(p720.gpu_peak_bytes)} for 720p).")
+    free = memory[0]
+    text = "CPU memory" if p480.text_encoder_on_cpu else "the GPU"
+    detail = (f"{_gb(free)} free of {_gb(total)} (weight storage {weight_storage}, offload {offload}; predicted peak "
+              f"{_gb(p480.gpu_peak_bytes)} at 480p, {_gb(p720.gpu_peak_bytes)} at 720p, text encoder in {text})")
+    fix = ("Free the GPU (see nvidia-smi for other processes), use a bigger one, or save memory: "
+           "MULTITALK_WEIGHT_STORAGE=fp8 (Ada/Hopper) or int8 halves the transformer's weights, and "
+           "MULTITALK_OFFLOAD=blocks streams them from CPU memory (docs/benchmarks.md has the predicted table).")
+    if free < p480.gpu_peak_bytes:
+        return Check("vram", "fail", f"{detail}: a 480p request would not fit", fix)
+    if free < p720.gpu_peak_bytes:
+        return Check("vram", "warn", f"{detail}: 480p fits, 720p requests may not", fix)
     return Check("vram", "ok", detail)
 
 
@@ -220,16 +213,24 @@ def system_memory() -> tuple[int, int] | None:
     return available, total
 
 
-def check_ram(weights: str, memory: tuple[int, int] | None) -> Check:
-    """The machine's (or container's) RAM against the guidance for loading the real weights."""
+def check_ram(weights: str, memory: tuple[int, int] | None, weight_storage: str = "bf16", offload: str = "none",
+              gpu_bytes: int | None = None) -> Check:
+    """The machine's (or container's) RAM against the memory plan's predicted host memory for the published weights:
+    the larger of start-up (a quantised or offloaded transformer is converted on the CPU) and serving (offloaded
+    blocks pinned, the text encoder when it lives in CPU memory)."""
+    if weights == "tiny":
+        return Check("ram", "ok", (f"{_gb(memory[0])} available of {_gb(memory[1])}; " if memory else "")
+                     + "the tiny demo weights need little memory")
+    needed = predict(_memory_case("480p", weight_storage, offload), gpu_bytes=gpu_bytes or DEFAULT_GPU_BYTES).host_bytes
     if memory is None:
         return Check("ram", "warn", "could not read the memory size", "Make sure the host or container has at least "
-                     f"{_gb(RAM_RECOMMENDED_BYTES)} of RAM for the real weights.")
+                     f"{_gb(needed)} of RAM for the real weights (weight storage {weight_storage}, offload {offload}).")
     available, total = memory
-    detail = f"{_gb(available)} available of {_gb(total)}"
-    if weights != "tiny" and total < RAM_RECOMMENDED_BYTES:
-        return Check("ram", "warn", f"{detail}: loading the real weights wants about {_gb(RAM_RECOMMENDED_BYTES)}",
-                     f"Give the machine, or the container's memory limit, at least {_gb(RAM_RECOMMENDED_BYTES)} of RAM.")
+    detail = f"{_gb(available)} available of {_gb(total)}; predicted need {_gb(needed)} " \
+             f"(weight storage {weight_storage}, offload {offload})"
+    if total < needed:
+        return Check("ram", "fail", detail, f"Give the machine, or the container's memory limit, at least {_gb(needed)} "
+                     "of RAM, or use MULTITALK_OFFLOAD=none on a GPU that holds the weights.")
     return Check("ram", "ok", detail)
 
 
@@ -353,7 +354,8 @@ def run_checks(settings: Settings, environ: Mapping[str, str]) -> list[Check]:
         ("gpu", lambda: check_gpu(settings.device)),
         ("vram", lambda: check_vram(settings.weights, gpu_memory(settings.device), settings.weight_storage,
                                     settings.offload)),
-        ("ram", lambda: check_ram(settings.weights, system_memory())),
+        ("ram", lambda: check_ram(settings.weights, system_memory(), settings.weight_storage, settings.offload,
+                                  (gpu_memory(settings.device) or (None, None))[1])),
         ("disk", lambda: check_disk(settings.data_path)),
         ("ffmpeg", check_ffmpeg),
         ("weights", lambda: check_weights(settings.weights)),

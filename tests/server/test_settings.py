@@ -46,6 +46,7 @@ def test_worker_has_only_its_flags():
     ({"MULTITALK_PUBLIC_URL": "example.com"}, "public_url"),
     ({"MULTITALK_FRAME_SIZE": "64"}, "MULTITALK_FRAME_SIZE"),
     ({"MULTITALK_LOG_JSON": "perhaps"}, "MULTITALK_LOG_JSON"),
+    ({"MULTITALK_COMPILE": "1", "MULTITALK_WEIGHT_STORAGE": "fp8-storage"}, "compile.*fp8-storage"),
 ])
 def test_bad_settings_are_refused_naming_the_setting(env, message):
     with pytest.raises(ValueError, match=message):

@@ -6,8 +6,14 @@ from accelerate import init_empty_weights
 
 from model.network.audio_attention import apply_rope_1d, label_rope_positions
 from model.network.configs import MULTITALK_14B
-from model.network.reference_attention import reference_attention_map, reference_attention_map_explicit
-from model.network.transformer_multitalk import MultiTalkTransformer3DModel, MultiTalkTransformerBlock
+from model.network.reference_attention import (
+    reference_attention_map,
+    reference_attention_map_explicit,
+)
+from model.network.transformer_multitalk import (
+    MultiTalkTransformer3DModel,
+    MultiTalkTransformerBlock,
+)
 from model.sampling.guidance import GuidanceCombiner, GuidanceConfig, guided_velocity
 from model.weights.keymaps import original_dit_key_map
 from model.weights.layout import find_layout, load_transformer
@@ -165,3 +171,28 @@ def test_time_embedding_and_modulation_run_in_fp32_in_a_bf16_model(tiny_weights,
     assert temb.dtype == modulation.dtype == torch.float32
     expected = tiny_transformer.time_conditioning(timestep)
     assert torch.equal(temb, expected[0]) and torch.equal(modulation, expected[1])
+
+
+def test_the_q_k_norm_over_slices_of_tokens_equals_the_norm_of_the_whole(monkeypatch):
+    from model.network.transformer_multitalk import TokenChunkedRMSNorm
+
+    norm = TokenChunkedRMSNorm(16, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_()
+    states = torch.randn(3, 23, 16, dtype=torch.bfloat16) * 5
+    whole = torch.nn.RMSNorm.forward(norm, states)
+    monkeypatch.setattr(TokenChunkedRMSNorm, "chunk_tokens", 5)  # 23 tokens: slices of 5, the last of 3
+    sliced = norm(states)
+    assert sliced.dtype == whole.dtype and torch.equal(sliced, whole)
+
+
+def test_the_in_place_block_updates_equal_the_expressions_they_replace():
+    from model.network.transformer_multitalk import gated_residual, modulated
+
+    generator = torch.Generator().manual_seed(0)
+    residual, update = (torch.randn(2, 7, 32, generator=generator).to(torch.bfloat16) for _ in range(2))
+    scale, shift, gate = (torch.randn(2, 1, 32, generator=generator) for _ in range(3))
+    normed = torch.randn(2, 7, 32, generator=generator)
+    assert torch.equal(modulated(normed.clone(), scale, shift), normed * (1 + scale) + shift)
+    expected = (residual.float() + update.float() * gate).type_as(residual)
+    assert torch.equal(gated_residual(residual, update, gate), expected)

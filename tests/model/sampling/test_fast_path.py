@@ -11,7 +11,11 @@ from model.runtime.execution import ExecutionOptions, prepare_transformer
 from model.sampling.guidance import GuidanceConfig, random_guidance_inputs
 from model.sampling.long_video import plan_clips
 from model.sampling.schedule import sampling_timesteps
-from model.sampling.video_generation import SamplingSettings, VideoConditioning, generate_video_clips
+from model.sampling.video_generation import (
+    SamplingSettings,
+    VideoConditioning,
+    generate_video_clips,
+)
 from model.weights.layout import find_layout, load_transformer
 
 FRAME_SIZE = (64, 128)
@@ -153,7 +157,7 @@ def test_offloaded_pipeline_keeps_the_text_encoder_in_cpu_memory_and_makes_the_s
     from model.pipeline import Pipeline, visiting
 
     offloaded = Pipeline.from_weights(tiny_weights["multitalk"], execution=ExecutionOptions(offload="blocks"))
-    assert offloaded.execution.text_encoder_on_cpu and not tiny_pipeline.execution.text_encoder_on_cpu
+    assert offloaded.text_encoder_on_cpu and not tiny_pipeline.text_encoder_on_cpu
     request = dict(image=example_inputs["image"], audio=[example_inputs["audio1"], example_inputs["audio2"]],
                    prompt="two people talking", num_frames=41, steps=1, frame_size=FRAME_SIZE, seed=4)
     videos = [pipeline.generate(GenerationRequest(output=tmp_path / f"{name}.mp4", **request)).video
