@@ -147,6 +147,7 @@ def measure_clip(components: dict, resolution: str, speakers: int, passes: int) 
     height, width = max(BUCKETS[resolution].values(), key=lambda hw: hw[0] * hw[1])  # the most tokens
     recipe = recipe_for("none" if passes == 3 else "high", resolution, ["lightx2v"] if passes == 2 else [])
     settings = SamplingSettings(sampling_timesteps(MEASURED_STEPS, recipe.shift), recipe.guidance, None, 1.0)
+    transformer.rope._tables.clear()  # the RoPE tables cached for the last grid: each case builds and counts its own
     with LiveBytes() as live:
         live.track(_all_tensors(components))
         base = live.current
