@@ -31,6 +31,13 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 TENSOR_ALIGNMENT = 64  # bytes; c10's alignment of every CPU allocation
 CUDA_HOST_REGISTER_PORTABLE = 1  # page-locked for every CUDA context, whichever device is current
 
+_page_locked = {"bytes": 0}  # what `_page_lock` registered and is still alive, for the worker's memory report
+
+
+def page_locked_bytes() -> int:
+    """Host memory these buffers hold page-locked now (torch's pinned-allocator statistics do not see it)."""
+    return _page_locked["bytes"]
+
 
 def pack_blocks(blocks: Iterable[nn.Module], pin: bool) -> None:
     """Rebind each block's parameters and buffers to views of one host buffer per block (see the module docstring).
@@ -103,4 +110,10 @@ def _page_lock(memory: np.ndarray, holder: str) -> None:
             f"offload 'blocks' could not page-lock the {memory.nbytes} bytes of host memory of {holder} for CUDA "
             f"copies: cudaHostRegister failed with error {int(error)} ({cudart.cudaGetErrorString(error)})"
         )
-    weakref.finalize(memory, cudart.cudaHostUnregister, address).atexit = False  # the process's end frees it all
+    _page_locked["bytes"] += memory.nbytes
+    weakref.finalize(memory, _page_unlock, cudart, address, memory.nbytes).atexit = False  # the process's end frees it
+
+
+def _page_unlock(cudart, address: int, nbytes: int) -> None:
+    cudart.cudaHostUnregister(address)
+    _page_locked["bytes"] -= nbytes

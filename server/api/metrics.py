@@ -29,8 +29,8 @@ _GPU_MEMORY_HELP = {
                                "(total minus free) minus reserved; the CUDA context, libraries' own buffers and "
                                "other processes on the GPU.",
     "total_bytes": "The worker's GPU memory in all.",
-    "pinned_host_bytes": "Page-locked host memory held by PyTorch's pinned allocator in the worker's process "
-                         "(pin_memory(), in use or cached); excludes memory pinned with cudaHostRegister.",
+    "pinned_host_bytes": "Page-locked host memory of the worker's process: PyTorch's pinned allocator (in use or "
+                         "cached) plus the offloaded blocks' buffers.",
 }
 
 

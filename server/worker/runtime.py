@@ -49,11 +49,13 @@ def _gpu_memory(device: str) -> dict[str, int] | None:
     `peak_allocated` / `peak_reserved` their highest since the process started (nothing here resets them).
     `outside_allocator` is the device memory in use (cudaMemGetInfo's total − free) that the allocator does not
     hold: the CUDA context, libraries' own allocations (cuBLAS/cuDNN workspaces, NCCL buffers) and any other
-    process on the same GPU. `pinned_host` is page-locked host memory held by PyTorch's pinned host allocator
-    (`pin_memory()`, e.g. offloaded blocks' CPU copies), in use or cached; it is per process, and memory pinned
-    by registering existing host memory (cudaHostRegister) is not in it.
+    process on the same GPU. `pinned_host` is page-locked host memory of the process: PyTorch's pinned host
+    allocator (`pin_memory()`), in use or cached, plus the offloaded blocks' buffers, registered in place
+    (`model/runtime/pinned_blocks.py`).
     """
     import torch
+
+    from model.runtime.pinned_blocks import page_locked_bytes
 
     if not device.startswith("cuda") or not torch.cuda.is_available():
         return None
@@ -65,7 +67,7 @@ def _gpu_memory(device: str) -> dict[str, int] | None:
             "peak_reserved_bytes": torch.cuda.max_memory_reserved(index),
             # the job thread may allocate or free between the two reads: the difference can dip below zero
             "outside_allocator_bytes": max(total - free - reserved, 0),
-            "pinned_host_bytes": torch.cuda.host_memory_stats().get("allocated_bytes.current", 0),
+            "pinned_host_bytes": torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) + page_locked_bytes(),
             "total_bytes": torch.cuda.get_device_properties(index).total_memory}
 
 

@@ -20,7 +20,7 @@ from model.runtime.memory import (
     is_block_linear,
     prepare_memory,
 )
-from model.runtime.pinned_blocks import pack_blocks
+from model.runtime.pinned_blocks import pack_blocks, page_locked_bytes
 from model.weights.layout import find_layout, load_transformer
 
 from guidance_inputs import tiny_guidance_inputs
@@ -131,14 +131,17 @@ def test_pinning_registers_each_block_buffer_once_in_place_until_it_is_freed(tin
     """What the CUDA path asks of CUDA (the registration's effect needs a GPU: see the CUDA test below)."""
     cudart = _RecordingCudart()
     monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    before = page_locked_bytes()
     model = _model(tiny_weights)
     pack_blocks(model.blocks, pin=True)
     storages = [_block_storage(block) for block in model.blocks]
     assert cudart.registered == [(storage.data_ptr(), storage.nbytes()) for storage in storages]
     assert cudart.unregistered == []
+    assert page_locked_bytes() - before == sum(storage.nbytes() for storage in storages)  # what /metrics reports
     del model, storages
     gc.collect()
     assert sorted(cudart.unregistered) == sorted(address for address, _ in cudart.registered)
+    assert page_locked_bytes() == before
 
 
 def test_a_refused_page_lock_names_the_block_and_the_cuda_error(tiny_weights, monkeypatch):
