@@ -114,6 +114,7 @@ from model.runtime.attention_backends import (
 from model.runtime.execution import ExecutionOptions, prepare_transformer
 from model.runtime.lora import loaded_loras, use_lora
 from model.runtime.memory import FP8_MIN_CUDA_CAPABILITY
+from model.runtime.pinned_blocks import page_locked_bytes
 from model.runtime.tf32 import tf32_disabled
 from model.sampling.acceleration import recipe_for
 from model.sampling.guidance import GuidanceCombiner, guided_velocity
@@ -693,11 +694,12 @@ def stage_offload(proof: Proof, out: dict) -> None:
     prepare_transformer(model, ExecutionOptions(offload="blocks"), device)
     growth = resident_bytes() - resident  # what offloading added on the host at start-up: pinned copies, if any
     pinned = None if pinned is None else pinned_allocator_bytes(device) - pinned
+    page_locked = page_locked_bytes()  # the blocks' buffers, registered in place (what /metrics adds to `pinned`)
     case = proof.measure(model, speakers=SPEAKERS, guidance=recipe.guidance, shift=recipe.shift)
     full = proof.dit_config["num_layers"]
     host = (block_bytes + growth) * full // layers  # the blocks' host bytes at the full depth
     out.update(case, layers=layers, block_parameter_bytes=block_bytes, host_resident_growth_bytes=growth,
-               pinned_allocator_bytes=pinned, offloaded_host_bytes_at_full_depth=host,
+               pinned_allocator_bytes=pinned, page_locked_block_bytes=page_locked, offloaded_host_bytes_at_full_depth=host,
                memory=proof.memory_record(case["peak_memory_gib"], passes=2, offload="blocks", host_bytes=host))
     out["headline"] = (f"{case['s_per_step']:.3g} s/step, GPU peak {gigabytes(case['peak_memory_gib']):.3g} GB, "
                        f"blocks on the host {host / 1e9:.3g} GB at {full} blocks")

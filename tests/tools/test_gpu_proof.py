@@ -176,7 +176,7 @@ def test_every_stage_runs_on_the_tiny_models_on_a_cpu(gpu_proof, tmp_path):
     assert fp8["fp8-storage"]["status"] == "ok" and 0 < fp8["fp8-storage"]["error_vs_bf16"]["max"] < 0.1
 
     assert r["offload"]["s_per_step"] > 0 and r["offload"]["block_parameter_bytes"] > 0
-    assert "offloaded_host_bytes_at_full_depth" in r["offload"]
+    assert "offloaded_host_bytes_at_full_depth" in r["offload"] and r["offload"]["page_locked_block_bytes"] == 0  # CPU: none
 
     assert [row["stage"] for row in r["memory"]["rows"]] == ["dit_none", "dit_lora", "offload"]
     assert {"gpu_peak_bytes", "error"} & set(r["memory"]["predicted_720p"])

@@ -46,8 +46,13 @@ def test_compile_with_fp8_storage_is_refused_naming_both_options_and_the_alterna
 
 
 @pytest.fixture
-def fresh_dynamo():
-    """Compiled code and counters of earlier tests must not count here (nor ours in later tests)."""
+def fresh_dynamo(tmp_path, monkeypatch):
+    """Compiled code and counters of earlier tests must not count here (nor ours in later tests), and neither may
+    their on-disk inductor caches: an AOTAutograd cache entry of an earlier test's graph brings its size guards
+    (seen: `S <= 4096`, from graphs traced at other sizes) into this one, which then recompiles at larger sizes.
+    A server starts from its own cache; whether entries from an earlier run can narrow its graphs is for the GPU
+    proof's compile stage to watch."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
     counters.clear()
     yield
