@@ -5,7 +5,8 @@ a machine key, and optional `ctx` and `input` (PEERS_AND_PROTOCOL.md §A.9); Fas
 entries (`type, loc, msg, input, ctx`, no `url`) are that shape, and both official clients parse
 them (§B.3). Two things are ours: every `msg` starts with the field it is about, because clients
 often show `msg` alone; and long strings inside `input` are shortened, so a rejected 8 MiB data
-URI is not echoed back in full.
+URI is not echoed back in full, and NaN or infinity (`num_frames: NaN`, `1e400`) is echoed as a string
+that strict JSON can carry.
 
 Errors that are not about a field (not found, unauthorised, queue full, body too large) use fal's
 flat request-error shape instead: `{"detail": "<message>", "error_type": "<category>"}` plus the
@@ -18,6 +19,7 @@ that does not decode), so a client sees one format whichever layer noticed the p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +50,10 @@ def _named(loc: Loc, msg: str) -> str:
 
 
 def _shortened(value: Any) -> Any:
+    """`value` made safe to echo: long strings cut, and NaN and ±infinity (which Python's JSON parser accepts in a
+    body, and strict JSON cannot write back) named as JavaScript does."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, str) and len(value) > ECHO_MAX_CHARS:
         return f"{value[:ECHO_MAX_CHARS]}… ({len(value)} characters)"
     if isinstance(value, dict):

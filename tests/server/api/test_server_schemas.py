@@ -296,3 +296,19 @@ def test_openapi_schema_has_the_examples(client):
     assert set(inp["required"]) == {"image_url", "first_audio_url", "prompt"}
     assert components["AvatarMultiOutput"]["examples"][0]["seed"] == 81
     assert "QueueStatusResponse" in components
+
+
+@pytest.mark.parametrize("body, field", [
+    ('"num_frames": NaN', "num_frames"),
+    ('"num_frames": 1e400', "num_frames"),
+    ('"seed": Infinity', "seed"),
+    ('"seed": -Infinity', "seed"),
+])
+def test_non_finite_numbers_are_a_422_naming_the_field(client, body, field):
+    """Python's JSON parser accepts NaN, Infinity and overflowing literals; echoing them back used to be a 500."""
+    raw = json.dumps(MINIMAL)[:-1] + ", " + body + "}"
+    response = client.post("/fal-ai/ai-avatar/multi", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    entry = response.json()["detail"][0]
+    assert entry["loc"] == ["body", field] and entry["msg"].startswith(f"{field}: ")
+    assert entry["input"] in ("NaN", "Infinity", "-Infinity")
