@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -47,11 +48,29 @@ def _wants_logs(logs: str | None) -> bool:
     return logs in ("1", "true", "True")
 
 
-def existing_job(request_id: str, store: StoreDep) -> Job:
+JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # the store's uuid4 ids
+
+
+def _not_found(request_id: str) -> RequestError:
+    return RequestError(404, f"Request {request_id} not found (unknown, or expired after its retention time)",
+                        "request_not_found")
+
+
+def request_id_path(request_id: str) -> str:
+    """The path's request id, when it can be one of ours: anything else (an emoji, a NUL, a 10 kB string) is the 404
+    of an unknown request at once — it must reach neither the store nor a response header, which takes latin-1 only."""
+    if not JOB_ID.fullmatch(request_id):
+        raise _not_found(ascii(request_id)[1:-1][:80])
+    return request_id
+
+
+RequestIdDep = Annotated[str, Depends(request_id_path)]
+
+
+def existing_job(request_id: RequestIdDep, store: StoreDep) -> Job:
     job = store.get(request_id)
     if job is None:
-        raise RequestError(404, f"Request {request_id} not found (unknown, or expired after its retention time)",
-                           "request_not_found")
+        raise _not_found(request_id)
     return job
 
 
@@ -99,6 +118,9 @@ def _job_routes(prefix: str, in_schema: bool) -> None:
     @router.put(f"{prefix}/requests/{{request_id}}/cancel", response_model=CancelResponse,
                 include_in_schema=in_schema, summary="Cancel a queued or running request")
     def cancel(request_id: str, services: ServicesDep, response: Response):
+        if not JOB_ID.fullmatch(request_id):  # fal's cancel answers NOT_FOUND in its own body; see request_id_path
+            response.status_code = CANCEL_STATUS_CODES["NOT_FOUND"]
+            return {"status": "NOT_FOUND"}
         outcome = services.store.request_cancel(request_id)
         if outcome == "OK":  # a queued job completes right here, so its webhook goes from here
             services.job_completed(services.store.get(request_id))

@@ -191,6 +191,19 @@ def test_unknown_request_is_404_on_status_result_and_cancel(open_api):
     assert (cancel.status_code, cancel.json()) == (404, {"status": "NOT_FOUND"})
 
 
+@pytest.mark.parametrize("request_id", ["%F0%9F%98%80", "%00", "a%00b", "x" * 5000, "00000000-0000-4000-8000-00000000000%C3%A9"],
+                         ids=["emoji", "nul", "inner-nul", "huge", "non-ascii-uuid"])
+def test_a_request_id_that_cannot_be_ours_is_a_404_on_every_route(open_api, request_id):
+    """An emoji, a NUL or a huge id used to be a 500 (a non-latin-1 response header) or a dropped connection."""
+    for method, path in (("GET", f"{REQUESTS}/{request_id}/status"), ("GET", f"{REQUESTS}/{request_id}"),
+                         ("GET", f"{REQUESTS}/{request_id}/status/stream")):
+        response = open_api.http.request(method, path)
+        assert response.status_code == 404 and response.json()["error_type"] == "request_not_found"
+        assert len(response.json()["detail"]) < 200
+    cancel = open_api.http.put(f"{REQUESTS}/{request_id}/cancel")
+    assert (cancel.status_code, cancel.json()) == (404, {"status": "NOT_FOUND"})
+
+
 def test_cancelling_a_queued_request_completes_it_as_client_cancelled(open_api, speech_request):
     job = open_api.submitted(speech_request)
     cancel = open_api.http.put(job["cancel_url"])
