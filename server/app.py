@@ -80,7 +80,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     for router in (run.router, queue.router, storage.router, health.router, playground.router):
         app.include_router(router)
     # Added innermost first: routing by host must happen before anything reads the path.
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestIdAndAccessLog)
     app.add_middleware(QueueHostRouting)
     return app

@@ -39,18 +39,27 @@ class QueueHostRouting:
 
 class BodySizeLimit:
     """413 for bodies over the limit: up front from Content-Length, or as soon as a streamed body
-    passes it. Uploads have their own, larger limit, enforced by the file store as it writes."""
+    passes it. Uploads have their own, larger limit: refused up front from Content-Length here (a 2 GB
+    declared upload is answered at once, not after the server has waited for its body), and enforced
+    by the file store as it writes a body that declares no length or lies about it."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int):
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_upload_bytes: int):
+        self.app, self.max_body_bytes, self.max_upload_bytes = app, max_body_bytes, max_upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or path.startswith(UPLOADS_PATH) or path == f"{FILES_PATH}upload":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope.get("path", "")
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+        declared = int(length) if length is not None and length.isdigit() else None
+        if path.startswith(UPLOADS_PATH) or path == f"{FILES_PATH}upload":
+            if declared is not None and declared > self.max_upload_bytes:
+                await _refuse(send, f"the upload is larger than {self.max_upload_bytes / (1024 * 1024):g} MiB")
+                return
+            await self.app(scope, receive, send)
+            return
+        if declared is not None and declared > self.max_body_bytes:
             await self._refuse(send)
             return
         received = 0
@@ -84,11 +93,16 @@ class BodySizeLimit:
 
     async def _refuse(self, send: Send) -> None:
         limit_mib = self.max_body_bytes / (1024 * 1024)
-        body = json.dumps({"detail": f"the request body is larger than {limit_mib:g} MiB; upload large media "
-                                     "(POST /storage/upload/initiate) and pass its URL", "error_type": "payload_too_large"})
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"x-fal-error-type", b"payload_too_large")]})
-        await send({"type": "http.response.body", "body": body.encode()})
+        await _refuse(send, f"the request body is larger than {limit_mib:g} MiB; upload large media "
+                            "(POST /storage/upload/initiate) and pass its URL")
+
+
+async def _refuse(send: Send, detail: str) -> None:
+    """A 413 in fal's flat error shape, sent before the body is read."""
+    body = json.dumps({"detail": detail, "error_type": "payload_too_large"})
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"x-fal-error-type", b"payload_too_large")]})
+    await send({"type": "http.response.body", "body": body.encode()})
 
 
 class RequestIdAndAccessLog:

@@ -13,9 +13,11 @@ Jobs a test queues are cancelled when it ends, so every test starts with an empt
 
 from __future__ import annotations
 
+import http.client
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -241,6 +243,30 @@ def test_initiated_upload_is_served_back_with_its_bytes_and_type(open_api, examp
     assert download.headers["content-type"] == "image/png"
     again = open_api.http.put(initiated["upload_url"], content=b"other bytes")
     assert again.status_code == 404
+
+
+def _declared_only(url: str, method: str, path: str, length: int) -> tuple[int, dict]:
+    """Send only the headers of a request declaring `length` body bytes, and read the answer (within 10 s)."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        connection.putrequest(method, path)
+        connection.putheader("Content-Length", str(length))
+        connection.putheader("Content-Type", "image/png")
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_an_upload_declaring_more_than_the_limit_is_a_413_before_its_body(open_api, open_cluster):
+    """A 2 GB Content-Length used to make the server wait for the body; both upload flows answer at once."""
+    initiated = open_api.http.post("/storage/upload/initiate",
+                                   json={"file_name": "big.png", "content_type": "image/png"}).json()
+    for method, path in (("PUT", urlsplit(initiated["upload_url"]).path), ("POST", "/files/upload")):
+        status, body = _declared_only(open_cluster.url, method, path, 2 * 10**9)
+        assert status == 413 and body["error_type"] == "payload_too_large" and "MiB" in body["detail"]
 
 
 def test_unknown_file_is_404(open_api):
