@@ -14,6 +14,7 @@ import json
 import sqlite3
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -86,17 +87,28 @@ _SAVE_WORKER = ("INSERT INTO workers (id, info, seen_at, expires_at) VALUES (:id
                 "expires_at = excluded.expires_at")
 
 
+class _ThreadConnection:
+    """A thread's connection, held only by that thread's `threading.local`: when the thread ends, Python
+    drops its locals and this closes the connection."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+        weakref.finalize(self, db.close)
+
+
 class SqliteJobStore(JobStore):
     """Jobs in the SQLite file at `path` (created with its folder if missing).
 
-    One connection per thread, opened on first use. Open a new store in a forked child rather
-    than using one created before the fork (SQLite connections must not cross a fork)."""
+    One connection per thread, opened on first use and closed when the thread ends (server thread
+    pools retire idle threads: keeping their connections open leaked a file descriptor per retired
+    thread). Open a new store in a forked child rather than using one created before the fork
+    (SQLite connections must not cross a fork)."""
 
     def __init__(self, path: Path | str):
         self._path = Path(path)
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()  # the threads' live ones
         self._connections_lock = threading.Lock()
         self._db().execute("PRAGMA journal_mode=WAL")  # stored in the file: every later connection uses it
         with self._write() as db:
@@ -104,15 +116,15 @@ class SqliteJobStore(JobStore):
                 db.execute(statement)
 
     def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
+        owned = getattr(self._local, "connection", None)
+        if owned is None:
             # isolation_level=None: no implicit transactions, each change is an explicit one below.
             db = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
-            self._local.db = db
+            owned = self._local.connection = _ThreadConnection(db)
             with self._connections_lock:
-                self._connections.append(db)
-        return db
+                self._connections.add(owned)
+        return owned.db
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -128,8 +140,8 @@ class SqliteJobStore(JobStore):
 
     def close(self) -> None:
         with self._connections_lock:
-            for db in self._connections:
-                db.close()
+            for owned in list(self._connections):
+                owned.db.close()
             self._connections.clear()
         self._local = threading.local()
 

@@ -6,6 +6,7 @@ processes each opening their own, as the API process and the workers do."""
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import multiprocessing
 import os
@@ -378,3 +379,30 @@ def test_stats_histograms_bucket_and_sum_durations(store, clock):
     assert stats.run_seconds.counts == bucket_counts({120: 1, math.inf: 1})
     assert (stats.wait_seconds.count, stats.run_seconds.count) == (2, 2)
     assert stats.wait_seconds.sum_s == pytest.approx(80) and stats.run_seconds.sum_s == pytest.approx(4070)
+
+
+def _open_files_on(path: Path) -> int:
+    """This process's open file descriptors on `path` (SQLite's own file, not its -wal/-shm companions)."""
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(path.resolve()))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")
+def test_threads_that_end_leave_no_sqlite_connection_open(tmp_path):
+    """Server thread pools retire idle threads; each one's connection used to stay open (an fd each, without end).
+    SQLite itself may keep a closed connection's descriptor for reuse while others hold locks on the file: a few,
+    not one per thread."""
+    path = tmp_path / "jobs.sqlite3"
+    store = SqliteJobStore(path)
+    threads_run = 0
+    for _burst in range(4):
+        threads = [threading.Thread(target=store.get, args=("no-such-id",)) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        threads_run += len(threads)
+    gc.collect()
+    assert _open_files_on(path) <= 4 < threads_run
+    store.close()
+    assert _open_files_on(path) == 0
