@@ -339,6 +339,18 @@ def test_full_queue_is_429_with_retry_after(keyed_api, speech_request):
 # -- with a worker ----------------------------------------------------------------------------------
 
 
+def test_readyz_without_a_valid_key_shows_states_and_counts_only(keyed_cluster):
+    store = open_job_store(None, keyed_cluster.data_dir)
+    store.record_worker("w-secret", {"state": "ready", "job_id": "job-secret", "weights": "/srv/weights/secret",
+                                     "device": "cuda:0", "host": "gpu-7"}, ttl_s=5)
+    for headers in ({}, {"Authorization": "Key not-a-key"}):
+        body = httpx.get(f"{keyed_cluster.url}/readyz", headers=headers).json()
+        assert body["status"] == "ready" and body["workers"] == [{"state": "ready"}] and "queue" in body
+        assert "secret" not in json.dumps(body) and "gpu-7" not in json.dumps(body)
+    detailed = httpx.get(f"{keyed_cluster.url}/readyz", headers={"Authorization": "Key k1"}).json()
+    assert detailed["workers"][0]["job_id"] == "job-secret"
+
+
 @pytest.mark.slow
 def test_readyz_is_200_with_a_ready_worker_and_notes_the_tiny_weights(worker_api):
     response = worker_api.http.get("/readyz")
