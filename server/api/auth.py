@@ -7,9 +7,11 @@ know bearer tokens. Keys are compared in constant time.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from server.api.errors import RequestError
 from server.services import ServicesDep
@@ -24,6 +26,18 @@ def presented_key(request: Request) -> str | None:
 
 def is_known_key(key: str | None, keys: frozenset[str]) -> bool:
     return key is not None and any(hmac.compare_digest(key.encode(), known.encode()) for known in keys)
+
+
+def key_owner(request: Request, services: ServicesDep) -> str | None:
+    """Who a request acts for: a digest of its API key when keys are configured (jobs belong to the key that
+    submitted them; the key itself is never stored), None on an open server."""
+    key = presented_key(request)
+    if not services.settings.api_keys or key is None:
+        return None
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+OwnerDep = Annotated[str | None, Depends(key_owner)]
 
 
 def require_api_key(request: Request, services: ServicesDep) -> None:

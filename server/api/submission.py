@@ -65,7 +65,7 @@ async def stage_inputs(inp: AvatarMultiInput, files: FileStore, fetch: FetchSett
 
 
 async def accept(inp: AvatarMultiInput, services: Services, base_url: str, webhook_url: str | None = None,
-                 max_queue: int | None = None) -> Job:
+                 max_queue: int | None = None, owner: str | None = None) -> Job:
     """Queue the request; 422 for unusable inputs (InputError), 429 when the queue is full.
 
     A full queue is refused before the inputs are fetched (no wasted download) and again,
@@ -79,7 +79,7 @@ async def accept(inp: AvatarMultiInput, services: Services, base_url: str, webho
         raise _queue_full(f"the queue already holds {limit} jobs (its limit); try again later")
     stored_input = await stage_inputs(inp, services.files, services.fetch, base_url)
     try:
-        return await run_in_threadpool(services.store.submit, APP_ID, stored_input, webhook_url, limit)
+        return await run_in_threadpool(services.store.submit, APP_ID, stored_input, webhook_url, limit, owner)
     except QueueFull as exc:
         for file_id in stored_input["files"].values():
             services.files.delete(file_id)

@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL,
     cancel_requested INTEGER NOT NULL,
     worker_id TEXT,
-    lease_expires_at REAL
+    lease_expires_at REAL,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status_seq ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_status_lease ON jobs (status, lease_expires_at);
@@ -114,6 +115,9 @@ class SqliteJobStore(JobStore):
         with self._write() as db:
             for statement in _SCHEMA.split(";"):
                 db.execute(statement)
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "owner" not in columns:  # a job store made before jobs had owners
+                db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
 
     def _db(self) -> sqlite3.Connection:
         owned = getattr(self._local, "connection", None)

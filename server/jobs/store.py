@@ -69,6 +69,7 @@ class Job:
     cancel_requested: bool = False
     worker_id: str | None = None
     lease_expires_at: float | None = None
+    owner: str | None = None  # who may read and cancel it: a digest of the submitting API key (none without keys)
 
     def to_record(self) -> dict[str, str | int | float | None]:
         """Flat scalars for a SQLite row or a Redis hash: dicts as JSON text, booleans as 0/1."""
@@ -261,11 +262,12 @@ class JobStore(ABC):
     above; subclasses implement the storage primitives (the abstract methods)."""
 
     def submit(self, app: str, input: dict[str, Any], webhook_url: str | None = None,
-               max_queue: int | None = None) -> Job:
+               max_queue: int | None = None, owner: str | None = None) -> Job:
         """Queue a job; QueueFull when max_queue jobs are already waiting (checked atomically)."""
         if max_queue is not None and max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
-        job = Job(id=str(uuid.uuid4()), app=app, input=input, created_at=self._now(), webhook_url=webhook_url)
+        job = Job(id=str(uuid.uuid4()), app=app, input=input, created_at=self._now(), webhook_url=webhook_url,
+                  owner=owner)
         self._insert(job, max_queue)
         return job
 

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.api.auth import require_api_key
+from server.api.auth import OwnerDep, require_api_key
 from server.api.errors import RequestError, validation_error_response
 from server.api.public_urls import QUEUE_PREFIX, queue_urls
 from server.api.schemas import (
@@ -67,9 +67,11 @@ def request_id_path(request_id: str) -> str:
 RequestIdDep = Annotated[str, Depends(request_id_path)]
 
 
-def existing_job(request_id: RequestIdDep, store: StoreDep) -> Job:
+def existing_job(request_id: RequestIdDep, store: StoreDep, owner: OwnerDep) -> Job:
+    """The job, if it exists and the caller may see it: a job submitted with a key belongs to that key, and any
+    other key gets the 404 of an unknown request (not a 403, which would confirm the id exists)."""
     job = store.get(request_id)
-    if job is None:
+    if job is None or (job.owner is not None and job.owner != owner):
         raise _not_found(request_id)
     return job
 
@@ -79,14 +81,14 @@ JobDep = Annotated[Job, Depends(existing_job)]
 
 @router.post(f"/{APP_ID}", response_model=QueueSubmitResponse, summary="Queue a generation")
 async def submit(
-    inp: AvatarMultiInput, services: ServicesDep, base_url: BaseUrlDep, response: Response,
+    inp: AvatarMultiInput, services: ServicesDep, base_url: BaseUrlDep, response: Response, owner: OwnerDep,
     fal_webhook: Annotated[str | None, Query(description="URL that receives the result when the request completes.")] = None,
     fal_max_queue_length: Annotated[int | None, Query(ge=0, description="Refuse (429) when more are queued.")] = None,
 ):
     if fal_webhook is not None and (reason := check_webhook_url(fal_webhook, services.settings.fetch_allowed_hosts)):
         return validation_error_response([{"loc": ("query", "fal_webhook"), "msg": reason, "type": "value_error",
                                            "input": fal_webhook}])
-    job = await accept(inp, services, base_url, fal_webhook, fal_max_queue_length)
+    job = await accept(inp, services, base_url, fal_webhook, fal_max_queue_length, owner)
     response.headers["x-fal-request-id"] = job.id
     position = await run_in_threadpool(services.store.queue_position, job.id)
     return {"status": "IN_QUEUE", "queue_position": position, **queue_urls(base_url, OWNER_APP, job.id)}
@@ -117,8 +119,9 @@ def _job_routes(prefix: str, in_schema: bool) -> None:
 
     @router.put(f"{prefix}/requests/{{request_id}}/cancel", response_model=CancelResponse,
                 include_in_schema=in_schema, summary="Cancel a queued or running request")
-    def cancel(request_id: str, services: ServicesDep, response: Response):
-        if not JOB_ID.fullmatch(request_id):  # fal's cancel answers NOT_FOUND in its own body; see request_id_path
+    def cancel(request_id: str, services: ServicesDep, response: Response, owner: OwnerDep):
+        job = services.store.get(request_id) if JOB_ID.fullmatch(request_id) else None  # see request_id_path
+        if job is None or (job.owner is not None and job.owner != owner):  # fal's cancel: NOT_FOUND in its body
             response.status_code = CANCEL_STATUS_CODES["NOT_FOUND"]
             return {"status": "NOT_FOUND"}
         outcome = services.store.request_cancel(request_id)

@@ -14,7 +14,7 @@ import logging
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from server.api.auth import require_api_key
+from server.api.auth import OwnerDep, require_api_key
 from server.api.schemas import AvatarMultiInput, AvatarMultiOutput
 from server.api.submission import accept
 from server.api.views import result_response
@@ -30,8 +30,8 @@ POLL_S = 0.25
 @router.post(f"/{APP_ID}", response_model=AvatarMultiOutput, summary="Generate a video and wait for it",
              responses={422: {"description": "An input is invalid or unusable; `detail` names the field."},
                         429: {"description": "The queue is full; retry after `Retry-After` seconds."}})
-async def run(inp: AvatarMultiInput, services: ServicesDep, base_url: BaseUrlDep, request: Request):
-    job = await accept(inp, services, base_url)
+async def run(inp: AvatarMultiInput, services: ServicesDep, base_url: BaseUrlDep, request: Request, owner: OwnerDep):
+    job = await accept(inp, services, base_url, owner=owner)
     store = services.store
     while job.status != COMPLETED:
         if await request.is_disconnected():

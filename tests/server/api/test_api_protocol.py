@@ -311,8 +311,11 @@ def test_api_key_is_required_to_submit(keyed_api, keyed_cluster, speech_request)
     assert no_key.status_code == 401 and no_key.json()["error_type"] == "unauthorized"
     wrong_key = httpx.post(f"{keyed_cluster.url}{SUBMIT}", json=speech_request, headers={"Authorization": "Key k3"})
     assert wrong_key.status_code == 401
-    assert keyed_api.submit(speech_request, headers={"Authorization": "Key k2"}).status_code == 200
+    with_k2 = keyed_api.submit(speech_request, headers={"Authorization": "Key k2"})
+    assert with_k2.status_code == 200
     assert httpx.get(f"{keyed_cluster.url}/healthz").status_code == 200
+    # the job is k2's: only k2 can cancel it (the fixture's clean-up uses k1)
+    assert keyed_api.http.put(with_k2.json()["cancel_url"], headers={"Authorization": "Key k2"}).status_code == 200
 
 
 def test_token_upload_needs_the_token_and_the_file_needs_no_key(keyed_api, keyed_cluster, example_inputs):
@@ -326,6 +329,19 @@ def test_token_upload_needs_the_token_and_the_file_needs_no_key(keyed_api, keyed
     assert uploaded.status_code == 200, uploaded.text
     download = httpx.get(uploaded.json()["access_url"])  # no key: a file URL is its own permission
     assert (download.status_code, download.content) == (200, image)
+
+
+def test_a_job_belongs_to_the_key_that_submitted_it(keyed_api, keyed_cluster, speech_request):
+    """Any key could read and cancel another key's jobs; now another key gets the 404 of an unknown request."""
+    job = keyed_api.submitted(speech_request)  # with key k1
+    other = {"Authorization": "Key k2"}
+    for url in (job["status_url"], job["response_url"]):
+        response = httpx.get(url, headers=other)
+        assert response.status_code == 404 and response.json()["error_type"] == "request_not_found"
+    cancel = httpx.put(job["cancel_url"], headers=other)
+    assert (cancel.status_code, cancel.json()) == (404, {"status": "NOT_FOUND"})
+    assert keyed_api.http.get(job["status_url"]).status_code == 202  # still queued, and its owner sees it
+    assert keyed_api.http.put(job["cancel_url"]).json()["status"] == "OK"
 
 
 def test_full_queue_is_429_with_retry_after(keyed_api, speech_request):
