@@ -6,20 +6,28 @@ conditioning pixels match the original bit for bit. Loading is stricter than the
 `Image.open(path).convert("RGB")`: user uploads can be anything, so format, size and integrity are
 checked before decoding, and images the original would mangle (EXIF-rotated photos, transparency,
 16-bit greyscale, CMYK) are turned into the RGB picture a viewer would show.
+
+The API runs the same `load_image` on every submitted image, so a file the worker could not decode
+is refused at submit with a 422; the module therefore imports torch only where it makes a tensor
+(the API process never loads torch).
 """
 
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.contract.errors import InputError
 from model.contract.fields import RESOLUTION
+
+if TYPE_CHECKING:
+    import torch
 
 # key = target height / width (the original's strings, in its order) → (H, W); every size is a multiple of 64.
 ASPECT_RATIO_627 = {  # ≈ 627² pixels: the `multitalk-480` bucket
@@ -43,6 +51,9 @@ BUCKETS = {"480p": ASPECT_RATIO_627, "720p": ASPECT_RATIO_960}
 ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# What Pillow raises for malformed data, while opening (a BMP header cut short, a PNG text or ICC chunk
+# that inflates past Pillow's limit, a WebP whose decoder will not start) as while decoding.
+_MALFORMED_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
 
 def choose_bucket(src_h: int, src_w: int, resolution: str) -> tuple[str, tuple[int, int]]:
@@ -80,6 +91,8 @@ def resize_and_center_crop(image: Image.Image, target_hw: tuple[int, int]) -> np
 
 def pixels_to_tensor(crop: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] → float32 [1, 3, 1, H, W] in [−1, 1], as `(x/255 − 0.5)·2` in the original's order."""
+    import torch  # here, not at the top: the API imports this module to check images and must not load torch
+
     pixels = torch.tensor(crop, dtype=torch.uint8).permute(2, 0, 1)[None, :, None]  # [1, 3, 1, H, W]
     return ((pixels / 255 - 0.5) * 2).contiguous()
 
@@ -89,7 +102,8 @@ def load_image(path: Path, field: str, max_pixels: int = 40_000_000, min_side: i
 
     The pixel count is checked from the header before anything is decoded (a few hundred bytes can
     claim gigapixels). Animated images give their first frame. Raises `InputError(field, …)` for a
-    missing, empty, unreadable, truncated, too large or too small image.
+    missing, empty, unreadable, truncated, corrupt, too large or too small image, and for anything
+    Pillow refuses to open or decode, so a bad upload is never a server error.
     """
     path = Path(path)
     if not path.is_file():
@@ -104,13 +118,18 @@ def load_image(path: Path, field: str, max_pixels: int = 40_000_000, min_side: i
         try:
             with Image.open(path, formats=formats) as image:
                 _check_size(image.width, image.height, field, max_pixels, min_side)
-                return _decode_rgb(image, field)
+                return _decode_rgb(image)
+        except InputError:
+            raise  # a ValueError too, but already names the field and says why
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise InputError(field, f"the image is too large to decode safely ({error})") from error
-        except UnidentifiedImageError as error:
+        except UnidentifiedImageError as error:  # an OSError: before the clause below
             raise InputError(
                 field, f"not an image in a supported format (accepted: {', '.join(formats)})"
             ) from error
+        except _MALFORMED_IMAGE_ERRORS as error:
+            reason = f"the image data is truncated or corrupt, or uses a variant that cannot be decoded ({error})"
+            raise InputError(field, reason) from error
 
 
 def _check_size(width: int, height: int, field: str, max_pixels: int, min_side: int) -> None:
@@ -120,15 +139,12 @@ def _check_size(width: int, height: int, field: str, max_pixels: int, min_side: 
         raise InputError(field, f"the image is too small: {width}×{height} pixels, both sides must be ≥ {min_side}")
 
 
-def _decode_rgb(image: Image.Image, field: str) -> Image.Image:
+def _decode_rgb(image: Image.Image) -> Image.Image:
     """Decode the first frame fully (truncation and corruption surface here), turn it upright, make it RGB."""
-    try:
-        image.seek(0)
-        image.load()
-        upright = ImageOps.exif_transpose(image)
-        return _to_rgb(upright)
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise InputError(field, f"the image data is truncated or corrupt ({error})") from error
+    image.seek(0)
+    image.load()
+    upright = ImageOps.exif_transpose(image)
+    return _to_rgb(upright)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

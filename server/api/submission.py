@@ -2,10 +2,15 @@
 
 The inputs are fetched *before* the job is queued, by the API: an unreachable, private, oversized
 or non-media URL, or a broken data URI, is answered at once with a 422 naming the field, for queued
-requests as for synchronous ones, instead of failing minutes later in a worker. Once fetched they
-are kept in the file store and the job refers to them there, so a job never depends on a URL that
-may change or expire, retries use the same bytes, and job records stay small (no inline data URIs).
-A null seed is drawn here for the same reason: every attempt of a job uses the same seed.
+requests as for synchronous ones, instead of failing minutes later in a worker. Images are also
+decoded in full, by the worker's own `load_image` (its size limits, read from the header, come first),
+because a file can start like an image and still not decode: the one definition of a usable image,
+applied where a refusal is a 422 rather than a failed job.
+
+Once fetched, the inputs are kept in the file store and the job refers to them there, so a job never
+depends on a URL that may change or expire, retries use the same bytes, and job records stay small
+(no inline data URIs). A null seed is drawn here for the same reason: every attempt of a job uses
+the same seed.
 
 The job's input is `{"options": ..., "files": ...}`: the request's options as the contract names them
 (`GenerationRequest` takes them as they are) and the ids of the stored inputs by field. A worker
@@ -22,6 +27,7 @@ from pathlib import Path
 from starlette.concurrency import run_in_threadpool
 
 from model.contract.fields import FIELDS, seed_or_random
+from model.media.image_input import load_image
 from server.api.errors import RequestError
 from server.api.public_urls import rebase_url
 from server.api.schemas import AvatarMultiInput, media_inputs, to_generation_options
@@ -54,6 +60,9 @@ async def stage_inputs(inp: AvatarMultiInput, files: FileStore, fetch: FetchSett
             fetch_input(url, field, workdir, fetch, local, expect=FIELDS[field].kind)  # type: ignore[arg-type]
             for field, url in media.items()
         ))
+        for field, file in zip(media, fetched):  # all checked before any is kept: a refusal leaves nothing behind
+            if FIELDS[field].kind == "image":
+                await run_in_threadpool(load_image, file.path, field)
         kept_ids = {}
         for field, file in zip(media, fetched):
             kept = await run_in_threadpool(files.add_file, file.path, file.content_type,

@@ -1,6 +1,7 @@
 """Reference image: buckets, cover size and crop arithmetic, safe loading of odd and hostile files, and
 bit-exact crops of the extra example photos (shared/fixtures/set2) as the original produced them."""
 
+import io
 import os
 import struct
 import wave
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from model.contract.errors import InputError
 from model.media.image_input import (
@@ -45,15 +46,17 @@ def rgb(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data and the CRC Pillow verifies."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def png_header_only(path: Path, width: int, height: int) -> Path:
     """A valid PNG signature and IHDR claiming width×height, with almost no pixel data behind it."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     pixels = zlib.compress(b"\0" * 16)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    chunks = png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", pixels) + png_chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
     return path
 
 
@@ -241,6 +244,66 @@ def test_unusable_file_raises_input_error_naming_the_field(tmp_path, name):
         load_image(path, FIELD)
     assert caught.value.field == FIELD
     assert reason in caught.value.reason
+
+
+# --- loading: hostile files that Pillow refuses while opening or decoding (issue 15) -----------------
+# Each once escaped `load_image` as an OSError or ValueError, ending a job as a 500 instead of a 422.
+
+
+def _encoded(format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 80), (200, 40, 10)).save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def _png_with_chunk_inflating_past_pillows_limit(kind: bytes, head: bytes) -> bytes:
+    """A valid PNG with one extra ancillary chunk after IHDR: `head`, then zlib data that inflates to
+    one byte more than PngImagePlugin.MAX_TEXT_CHUNK (Pillow's ValueError "Decompressed data too large")."""
+    png = _encoded("PNG")
+    after_ihdr = 8 + 12 + 13  # signature, then IHDR: length, type, 13 data bytes, CRC
+    inflating = zlib.compress(b"\0" * (PngImagePlugin.MAX_TEXT_CHUNK + 1), 9)
+    return png[:after_ihdr] + png_chunk(kind, head + inflating) + png[after_ihdr:]
+
+
+def _webp_with_zeroed_vp8_payload() -> bytes:
+    webp = bytearray(_encoded("WEBP", lossless=False))
+    assert webp[12:16] == b"VP8 "  # simple lossy layout: RIFF header, then the one VP8 chunk
+    size = struct.unpack("<I", webp[16:20])[0]
+    webp[20 : 20 + size] = bytes(size)
+    return bytes(webp)
+
+
+def _bmp_with_bit_count(bits: int) -> bytes:
+    bmp = bytearray(_encoded("BMP"))
+    bmp[28:30] = struct.pack("<H", bits)  # biBitCount: file header (14) + 14 bytes into BITMAPINFOHEADER
+    return bytes(bmp)
+
+
+HOSTILE_FILES = {
+    "jpeg-header-only": lambda: _encoded("JPEG")[:200],
+    "png-ztxt-inflates-too-far": lambda: _png_with_chunk_inflating_past_pillows_limit(b"zTXt", b"Comment\0\0"),
+    # keyword, compression flag 1 and method 0, empty language tag and translated keyword
+    "png-itxt-inflates-too-far": lambda: _png_with_chunk_inflating_past_pillows_limit(b"iTXt", b"Comment\0\1\0\0\0"),
+    "png-iccp-inflates-too-far": lambda: _png_with_chunk_inflating_past_pillows_limit(b"iCCP", b"icc\0\0"),
+    "webp-zeroed-vp8": _webp_with_zeroed_vp8_payload,
+    "bmp-info-header-cut-short": lambda: _encoded("BMP")[: 14 + 20],  # 20 of BITMAPINFOHEADER's 40 bytes
+    "bmp-7-bits-per-pixel": lambda: _bmp_with_bit_count(7),
+}
+
+
+def write_hostile_image(name: str, directory: Path) -> Path:
+    """The hostile file `name` of HOSTILE_FILES in `directory` (the HTTP tests send the same files)."""
+    path = directory / f"hostile-{name}"
+    path.write_bytes(HOSTILE_FILES[name]())
+    return path
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_FILES))
+def test_hostile_file_raises_input_error_naming_the_field(tmp_path, name):
+    with pytest.raises(InputError) as caught:
+        load_image(write_hostile_image(name, tmp_path), FIELD)
+    assert caught.value.field == FIELD
+    assert "truncated or corrupt" in caught.value.reason
 
 
 def test_pixel_limit_is_checked_from_the_header(tmp_path):
