@@ -17,6 +17,7 @@ A new extension field or a new endpoint is one entry here, not one per surface.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
@@ -26,6 +27,19 @@ Kind = Literal["int", "float", "bool", "text", "choice", "boxes", "frame_size", 
 MEDIA_KINDS = ("image", "audio")
 MAX_SEED = 2**32 - 1  # the hosted API accepts 0..4294967295
 FRAME_SIZE_MULTIPLE = 16  # the VAE's 8× and the patch's 2× downsampling
+# umT5 reads at most 512 tokens of a prompt and drops the rest; a token is ~4 characters of English and
+# about one of CJK, so 4000 characters is more than the model ever sees in any language. Longer text only
+# costs memory, job-store space and slower status polls (issue 15: a 10 MB prompt).
+MAX_PROMPT_CHARS = 4000
+# Inline media (what `fal_client.encode_file` sends): 8 Mi characters of base64 is a 6 MiB file, and all
+# three media fields at this size fit the default 32 MiB request body; larger files belong behind a URL
+# or an upload.
+MAX_DATA_URI_CHARS = 8 * 1024 * 1024
+# http(s) URLs: common web servers and object stores refuse request lines above 8 KiB, so a longer URL
+# could not be fetched anyway; signed cloud-storage URLs are 1-3 KiB.
+MAX_URL_CHARS = 8192
+# C0 controls but tab, LF and CR, DEL, and C1 controls: nothing a prompt means, often a client bug (NUL).
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -34,6 +48,8 @@ class RequestField:
 
     `hosted`: part of fal's schema (False: an extension of ours). `http`: accepted over HTTP (False:
     a CLI and server-setting override only). `flag`: the CLI flag when it is not `--name-with-dashes`.
+    `max_length`: the most characters a text or URL may have; every string field has one, because an
+    unbounded string is held by the API, the job store and the worker alike.
     """
 
     name: str
@@ -44,6 +60,7 @@ class RequestField:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] = ()
+    max_length: int | None = None
     hosted: bool = True
     http: bool = True
     flag: str | None = None
@@ -79,6 +96,11 @@ class RequestField:
             raise InputError(self.name, f"must be true or false, got {value!r}")
         if self.kind == "text" and not isinstance(value, str):
             raise InputError(self.name, f"must be text, got {type(value).__name__}")
+        if self.max_length is not None and isinstance(value, str) and len(value) > self.max_length:
+            raise InputError(self.name, f"must be at most {self.max_length} characters long, got {len(value)}")
+        if self.kind == "text" and (control := _CONTROL_CHARACTERS.search(value)):
+            raise InputError(self.name, f"must not contain control characters (tab and line breaks are fine), "
+                                        f"got {control.group()!r} at position {control.start()}")
         if self.choices and value not in self.choices:
             raise InputError(self.name, f"must be {self.limits}, got {value!r}")
         if self.kind == "frame_size" and (len(value) != 2 or any(
@@ -120,14 +142,16 @@ def _within(value: float, minimum: float | None, maximum: float | None) -> bool:
 # -- the fields ---------------------------------------------------------------------------------
 
 IMAGE = RequestField("image_url", "image", "The image with the people who speak; resized and centre-cropped to the "
-                     "resolution's aspect.", required=True, flag="--image",
+                     "resolution's aspect.", required=True, max_length=MAX_DATA_URI_CHARS, flag="--image",
                      example="https://example.com/two_people.png")
 FIRST_AUDIO = RequestField("first_audio_url", "audio", "Speech of person 1 (the left person, or the only one); any "
-                           "common audio format, or a video's sound.", required=True, flag="--audio",
+                           "common audio format, or a video's sound.", required=True,
+                           max_length=MAX_DATA_URI_CHARS, flag="--audio",
                            example="https://example.com/left_speaker.wav")
 SECOND_AUDIO = RequestField("second_audio_url", "audio", "Speech of person 2 (the right person). By default person 2 "
-                            "speaks after person 1.", flag="--audio2", example="https://example.com/right_speaker.wav")
-PROMPT = RequestField("prompt", "text", "What the video shows.", required=True,
+                            "speaks after person 1.", max_length=MAX_DATA_URI_CHARS, flag="--audio2",
+                            example="https://example.com/right_speaker.wav")
+PROMPT = RequestField("prompt", "text", "What the video shows.", required=True, max_length=MAX_PROMPT_CHARS,
                       example="Two friends chat at a kitchen table, natural light, they take turns speaking.")
 NUM_FRAMES = RequestField("num_frames", "int", "Frames to generate at 25 fps (181 ≈ 7.2 s).", default=181,
                           minimum=41, maximum=241, example=181)
@@ -148,7 +172,7 @@ SPEAKER_PLACEMENT = RequestField("speaker_placement", "choice", "Without boxes: 
                                  "right; faces = from detected faces (falls back to halves).", default="halves",
                                  choices=("halves", "faces"), hosted=False)
 NEGATIVE_PROMPT = RequestField("negative_prompt", "text", "What the video should not show; absent: the model's "
-                               "default.", hosted=False)
+                               "default.", max_length=MAX_PROMPT_CHARS, hosted=False)
 STEPS = RequestField("steps", "int", "Sampling steps instead of the acceleration preset's.", minimum=1,
                      maximum=1000, hosted=False, http=False)
 SHIFT = RequestField("shift", "float", "Schedule shift instead of the preset's.", minimum=0.0, hosted=False,

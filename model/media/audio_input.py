@@ -44,6 +44,15 @@ SAMPLES_PER_FRAME = SAMPLE_RATE // VIDEO_FPS  # 640
 TARGET_LUFS = -23.0
 
 MIN_SECONDS = 0.1
+MAX_SECONDS = 600.0
+# Decoding holds rate × channels float32 values per second (ffmpeg's output, then a copy). 48 kHz stereo,
+# what recorders and videos deliver, for the longest accepted input is plenty: 48000 × 2 × 600 s = 57.6 M
+# values, 230 MB. More channels or a higher rate are fine for shorter audio; the product is the bound
+# (issue 15: 655 kHz × 8 channels of silence for 601 s would need ≈ 35 GB).
+DECODE_BUDGET_RATE, DECODE_BUDGET_CHANNELS = 48000, 2
+DECODE_VALUES_PER_SECOND = DECODE_BUDGET_RATE * DECODE_BUDGET_CHANNELS
+_FLOAT32_BYTES = 4
+_UNKNOWN_FRAMES = 2**63 - 1  # libsndfile's SF_COUNT_MAX: a header without the length (e.g. a piped FLAC)
 SILENCE_PEAK = 1e-4  # below this peak amplitude there is nothing to lip-sync to
 DECODE_TIMEOUT_S = 120.0
 LOUDNESS_DEGENERATE = 100.0  # |integrated loudness| above this (silence = −inf) leaves the audio as it is
@@ -60,23 +69,56 @@ class SpeakerTracks:
     mix: np.ndarray  # [n] float32: the sound muxed into the output video
 
 
-def decode_audio(path: Path, field: str, max_seconds: float = 600.0) -> tuple[np.ndarray, int]:
+def check_audio_size(field: str, rate: int, channels: int, seconds: float, max_seconds: float = MAX_SECONDS) -> None:
+    """Refuse audio longer than `max_seconds`, or whose rate × channels × seconds decodes to more values than
+    48 kHz stereo for `max_seconds`: the one rule for the header and for what the decode produced."""
+    if seconds > max_seconds:
+        raise InputError(field, f"audio is {seconds:.1f} s long; at most {max_seconds:g} s is accepted")
+    if rate * channels * seconds > DECODE_VALUES_PER_SECOND * max_seconds:
+        raise InputError(field, f"audio of {rate} Hz × {channels} channel(s) × {seconds:.1f} s is too large to "
+                                f"decode; at most {DECODE_BUDGET_RATE} Hz × {DECODE_BUDGET_CHANNELS} channels for "
+                                f"{max_seconds:g} s is accepted (sample rate × channels × seconds up to "
+                                f"{DECODE_VALUES_PER_SECOND * max_seconds:.0f})")
+
+
+def check_audio_header(path: Path, field: str, max_seconds: float = MAX_SECONDS) -> None:
+    """`check_audio_size` from the file's header (soundfile.info), before anything is decoded.
+
+    Files whose header libsndfile cannot read (MP4, WebM, AAC, ...) or that has no length pass;
+    `decode_audio` bounds them by capping ffmpeg's output at the same number of values.
+    """
+    import soundfile  # here, not at import: the GPU proof's machine imports this module without it
+
+    try:
+        info = soundfile.info(str(path))
+    except soundfile.LibsndfileError:
+        return
+    if info.frames != _UNKNOWN_FRAMES:
+        check_audio_size(field, info.samplerate, info.channels, info.duration, max_seconds)
+
+
+def decode_audio(path: Path, field: str, max_seconds: float = MAX_SECONDS) -> tuple[np.ndarray, int]:
     """First audio stream of any container → ([channels, n] float32, native sample rate).
 
     ffmpeg converts to 32-bit float WAV on stdout (PCM16 becomes value/32768 exactly, as libsndfile
     gives librosa). Decoding stops one second past `max_seconds`, so an over-long upload costs at most
-    that much work before it is refused.
+    that much work before it is refused, and its output is capped at the values `check_audio_size`
+    allows for one second more, so neither a header that understates the length nor a container whose
+    header is not read beforehand can make it hold more memory.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(field, "no such file")
     if path.stat().st_size == 0:
         raise InputError(field, "the file is empty")
+    check_audio_header(path, field, max_seconds)
+    max_bytes = DECODE_VALUES_PER_SECOND * (max_seconds + 1) * _FLOAT32_BYTES
     command = [
         imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-nostats",
         "-protocol_whitelist", "file",  # an uploaded playlist must not make ffmpeg open URLs
         "-i", f"file:{path.resolve()}",
-        "-map", "0:a:0", "-t", f"{max_seconds + 1:.3f}", "-f", "wav", "-acodec", "pcm_f32le", "-",
+        "-map", "0:a:0", "-t", f"{max_seconds + 1:.3f}", "-fs", f"{max_bytes:.0f}",
+        "-f", "wav", "-acodec", "pcm_f32le", "-",
     ]  # fmt: skip
     try:
         done = subprocess.run(command, capture_output=True, timeout=DECODE_TIMEOUT_S, check=False)
@@ -95,7 +137,7 @@ def decode_audio(path: Path, field: str, max_seconds: float = 600.0) -> tuple[np
         if seconds >= max_seconds + 1 and header:  # cut by -t: the container's duration tells the length
             h, m, s = header.groups()
             seconds = max(seconds, int(h) * 3600 + int(m) * 60 + float(s))
-        raise InputError(field, f"audio is {seconds:.1f} s long; at most {max_seconds:g} s is accepted")
+    check_audio_size(field, rate, samples.shape[0], seconds, max_seconds)
     return samples, rate
 
 
@@ -178,11 +220,12 @@ def loudness_normalize(samples: np.ndarray, rate: int = SAMPLE_RATE, target_lufs
     return samples.dtype.type(gain) * samples
 
 
-def load_speech(path: Path, field: str, max_seconds: float = 600.0) -> np.ndarray:
+def load_speech(path: Path, field: str, max_seconds: float = MAX_SECONDS) -> np.ndarray:
     """A user's audio file → [n] float32 at 16 kHz, loudness-normalised: one speaker's track.
 
     Refuses (InputError naming `field`) what cannot drive a talking video: no decodable audio,
-    less than 0.1 s, more than `max_seconds`, NaN/inf samples, or silence.
+    less than 0.1 s, more than `max_seconds`, more to decode than 48 kHz stereo for `max_seconds`,
+    NaN/inf samples, or silence.
     """
     samples, rate = decode_audio(path, field, max_seconds)
     if samples.shape[1] < MIN_SECONDS * rate:

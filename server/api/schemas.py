@@ -31,8 +31,11 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from model.contract.errors import InputError
 from model.contract.fields import (
     AVATAR_MULTI,
+    MAX_DATA_URI_CHARS,
+    MAX_URL_CHARS,
     MEDIA_FIELDS,
     MEDIA_KINDS,
     OPTION_FIELDS,
@@ -46,7 +49,6 @@ from model.contract.fields import (
 )
 
 URL_SCHEMES = ("http", "https", "data")
-MAX_DATA_URI_CHARS = 8 * 1024 * 1024  # inline media beyond this belongs behind a URL or an upload
 
 
 def _no_bool(value: Any) -> Any:
@@ -73,10 +75,28 @@ def _check_media_url(value: str) -> str:
             )
     elif not parts.netloc:
         raise PydanticCustomError("url_parsing", "URL has no host")
+    elif len(value) > MAX_URL_CHARS:
+        raise PydanticCustomError(
+            "url_too_long", "URL is {size} characters long; at most {max_size} are accepted",
+            {"size": len(value), "max_size": MAX_URL_CHARS},
+        )
     return value
 
 
 MediaUrl = Annotated[str, StringConstraints(min_length=1), AfterValidator(_check_media_url)]
+
+
+def _plain_text(spec: RequestField) -> AfterValidator:
+    """The contract's own check of a text (control characters), so HTTP and the CLI refuse the same prompts."""
+
+    def check(value: str) -> str:
+        try:
+            spec.check(value)
+        except InputError as error:
+            raise PydanticCustomError("control_character", "{reason}", {"reason": error.reason}) from None
+        return value
+
+    return AfterValidator(check)
 Pixel = Annotated[int, Field(ge=0), BeforeValidator(_no_bool)]
 
 
@@ -105,8 +125,13 @@ def _annotation(spec: RequestField) -> Any:
         annotation = Annotated[float, Field(**_bounds(spec))]
     elif spec.kind == "choice":
         annotation = Literal[spec.choices]
+    elif spec.kind == "text":
+        annotation = Annotated[str, StringConstraints(max_length=spec.max_length), _plain_text(spec)]
+    elif spec.kind in MEDIA_KINDS:
+        # `_check_media_url` enforces the length (a data URI's error says to upload instead), the schema shows it
+        annotation = Annotated[MediaUrl, Field(json_schema_extra={"maxLength": spec.max_length})]
     else:
-        annotation = {"bool": bool, "text": str, "boxes": list[Box], "image": MediaUrl, "audio": MediaUrl}[spec.kind]
+        annotation = {"bool": bool, "boxes": list[Box]}[spec.kind]
     return annotation | None if spec.default is None and not spec.required else annotation
 
 

@@ -82,6 +82,31 @@ def test_the_pipeline_checks_the_contract(spec, tmp_path):
         assert error.value.field == spec.name and spec.limits in error.value.reason
 
 
+STRING_KINDS = ("text", "image", "audio")
+
+
+def test_every_string_field_has_a_length_limit_the_http_schema_shows():
+    properties = AvatarMultiInput.model_json_schema()["properties"]
+    for spec in (*MEDIA_FIELDS, *OPTION_FIELDS):
+        if spec.kind in STRING_KINDS:
+            schema = properties[spec.name]
+            assert spec.max_length and (schema.get("anyOf") or [schema])[0]["maxLength"] == spec.max_length, spec.name
+
+
+@pytest.mark.parametrize("spec", [f for f in OPTION_FIELDS if f.kind == "text"], ids=lambda f: f.name)
+def test_the_pipeline_refuses_over_long_text_and_control_characters(spec, tmp_path):
+    """What the CLI and the worker run: the same limit and character rule as the HTTP schema."""
+    request = GenerationRequest(image=tmp_path / "a.png", audio=[tmp_path / "a.wav"], output=tmp_path / "o.mp4",
+                                prompt="p")
+    allowed = "Two\tfriends\r\ntalk. "
+    replace(request, **{spec.name: allowed + "x" * (spec.max_length - len(allowed))}).check()
+    for value, reason in [("x" * (spec.max_length + 1), f"at most {spec.max_length} characters"),
+                          ("a\x00b", "control characters"), ("\x1b[31mred", "control characters")]:
+        with pytest.raises(InputError, match=reason) as error:
+            replace(request, **{spec.name: value}).check()
+        assert error.value.field == spec.name
+
+
 def test_the_generation_request_takes_the_contract_defaults(tmp_path):
     request = GenerationRequest(image=tmp_path / "a.png", audio=[tmp_path / "a.wav"], output=tmp_path / "o.mp4")
     assert {f.name: getattr(request, f.name) for f in OPTION_FIELDS} == {f.name: f.default for f in OPTION_FIELDS}

@@ -12,13 +12,17 @@ import imageio_ffmpeg
 import numpy as np
 import pyloudnorm
 import pytest
+import soundfile
 from scipy.io import wavfile
 
 from model.contract.errors import InputError
 from model.media.audio_input import (
+    DECODE_VALUES_PER_SECOND,
     SAMPLE_RATE,
     SAMPLES_PER_FRAME,
     TARGET_LUFS,
+    check_audio_header,
+    check_audio_size,
     combine_speakers,
     decode_audio,
     fit_length,
@@ -227,6 +231,46 @@ def test_bad_input_names_the_field(kind, reason, tmp_path):
         load_speech(path, "second_audio_url", max_seconds=1.0)
     assert caught.value.field == "second_audio_url"
     assert str(tmp_path) not in caught.value.reason
+
+
+# Issue 15 scaled down to a 1 s limit: silence at a rate × channels far above 48 kHz stereo, which decoding
+# would hold as float32 before finding it silent.
+HUGE_RATE, HUGE_CHANNELS, HUGE_SECONDS = 384000, 8, 0.5
+TOO_LARGE = (r"audio of 384000 Hz × 8 channel\(s\) × {seconds} s is too large to decode; "
+             r"at most 48000 Hz × 2 channels for 1 s")
+
+
+def test_audio_too_large_to_decode_is_refused_from_its_header(tmp_path):
+    path = tmp_path / "huge.flac"
+    soundfile.write(path, np.zeros((int(HUGE_RATE * HUGE_SECONDS), HUGE_CHANNELS), np.int16), HUGE_RATE)
+    message = f"^first_audio_url: {TOO_LARGE.format(seconds=HUGE_SECONDS)}"
+    with pytest.raises(InputError, match=message):
+        check_audio_header(path, "first_audio_url", max_seconds=1.0)  # reads the header only: no ffmpeg here
+    with pytest.raises(InputError, match=message) as caught:  # not "the audio is silent": never decoded
+        load_speech(path, "first_audio_url", max_seconds=1.0)
+    assert caught.value.field == "first_audio_url"
+
+
+def test_audio_whose_header_has_no_length_is_capped_while_decoding(tmp_path):
+    """A FLAC written to a pipe has no length in its header; ffmpeg's output stops at the same bound."""
+    source, path = tmp_path / "huge.flac", tmp_path / "piped.flac"
+    soundfile.write(source, np.zeros((int(HUGE_RATE * HUGE_SECONDS), HUGE_CHANNELS), np.int16), HUGE_RATE)
+    with path.open("wb") as out:
+        subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-i", str(source),
+                        "-f", "flac", "-"], stdout=out, check=True)
+    check_audio_header(path, "second_audio_url", max_seconds=1.0)
+    with pytest.raises(InputError, match="^second_audio_url: " + TOO_LARGE.format(seconds=r"0\.\d")):
+        decode_audio(path, "second_audio_url", max_seconds=1.0)
+
+
+def test_the_decode_bound_is_48_khz_stereo_for_the_longest_input():
+    check_audio_size("first_audio_url", 48000, 2, 600.0)
+    check_audio_size("first_audio_url", 192000, 8, 600.0 * 2 * 48000 / (192000 * 8))
+    assert DECODE_VALUES_PER_SECOND == 48000 * 2
+    with pytest.raises(InputError, match="too large to decode"):
+        check_audio_size("first_audio_url", 48000, 3, 600.0)
+    with pytest.raises(InputError, match=r"audio is 600\.5 s long; at most 600 s is accepted"):
+        check_audio_size("first_audio_url", 16000, 1, 600.5)
 
 
 def test_one_speaker_is_its_own_mix():
