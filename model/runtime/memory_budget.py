@@ -127,10 +127,9 @@ def keeps_text_encoder_on_cpu(weights: str, offload: str, device) -> bool:
 
 def _transformer_on_gpu(case: MemoryCase, plan: MemoryPlan) -> int:
     t = plan.transformer
-    one_byte = case.weights != "bf16"
     if case.offload == "blocks":  # everything outside the blocks, the block running and the one being prefetched
-        return t["outside_blocks"] + 2 * (t["block_one_byte"] if one_byte else t["block_bf16"])
-    return t["one_byte"] if one_byte else t["bf16"]
+        return t["outside_blocks"] + 2 * t["block_one_byte" if case.weights != "bf16" else "block_bf16"]
+    return _transformer_bytes(case, plan)
 
 
 def _gpu_phases(case: MemoryCase, plan: MemoryPlan, text_encoder_resident: bool) -> dict[str, int]:
