@@ -1,8 +1,9 @@
 """The long-lived objects the routes share, and the FastAPI dependencies that hand them out.
 
 One `Services` is built per process from the settings (job store, file store, fetch limits, webhook
-sender) and kept on `app.state`; routes receive it, or one of its parts, through `Depends`, which
-keeps route functions thin and lets tests build an app around their own store.
+sender: every process that has one delivers the store's pending webhooks) and kept on `app.state`;
+routes receive it, or one of its parts, through `Depends`, which keeps route functions thin and lets
+tests build an app around their own store.
 """
 
 from __future__ import annotations
@@ -36,17 +37,22 @@ class Services:
     def from_settings(cls, settings: Settings) -> Services:
         data = settings.data_path
         fetch = FetchSettings(allowed_hosts=settings.fetch_allowed_hosts)
+        store = open_job_store(settings.redis_url, data)
         return cls(
             settings=settings,
-            store=open_job_store(settings.redis_url, data),
+            store=store,
             files=FileStore(data / "files", settings.base_url, settings.max_upload_bytes),
             fetch=fetch,
-            webhooks=WebhookSender(settings.webhook_secret, attempts=settings.webhook_attempts, fetch_settings=fetch),
+            webhooks=WebhookSender(store, settings.webhook_secret, attempts=settings.webhook_attempts,
+                                   fetch_settings=fetch),
         )
 
     def job_completed(self, job: Job) -> None:
-        """Whatever completes a job (a worker, a cancel, the lease sweep) calls this once."""
-        self.webhooks.send(job)
+        """Whatever completes a job (a worker, a cancel, the lease sweep) calls this once. Its webhook
+        is already pending in the store (the completing write put it there); this sends it now rather
+        than at the sender's next poll."""
+        if job.webhook_url is not None:
+            self.webhooks.wake()
 
     def close(self) -> None:
         self.webhooks.close(timeout_s=5)

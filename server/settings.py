@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -77,6 +78,10 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("host", str, "Address the API listens on (0.0.0.0 in containers).", "--host", ("serve",)),
     Option("port", int, "Port the API listens on.", "--port", ("serve",)),
+    Option("tls_cert", Path, "PEM certificate (chain) to serve https on the port itself, with the key of "
+           "`--tls-key`; the server's own URLs become https (unset: plain http, e.g. behind a TLS proxy).",
+           "--tls-cert", ("serve",)),
+    Option("tls_key", Path, "PEM private key (unencrypted) of `--tls-cert`.", "--tls-key", ("serve",)),
     Option("weights", str, "Checkpoint folder, or `tiny` for the seeded tiny demo/test checkpoints "
            "(random weights, made on first use in the data dir).", "--weights"),
     Option("data_dir", Path, "Where jobs (SQLite), uploads, results and the tiny weights live "
@@ -84,7 +89,7 @@ OPTIONS: tuple[Option, ...] = (
            "and workers on other hosts.", "--data-dir"),
     Option("public_url", str, "Base URL clients reach this server at, for the `*_url`s in "
            "responses and webhooks (default: from each request's X-Forwarded-Proto/Host or Host header; "
-           "workers and webhooks then use http://HOST:PORT).", "--public-url"),
+           "workers and webhooks then use http(s)://HOST:PORT).", "--public-url"),
     Option("redis_url", str, "Redis job store shared by several workers or hosts, e.g. "
            "redis://redis:6379/0 (unset: SQLite in the data dir).", "--redis-url"),
     Option("api_keys", _word_set, "Accepted API keys, comma-separated; requests must send "
@@ -134,6 +139,8 @@ OPTIONS: tuple[Option, ...] = (
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     weights: str = "tiny"
     data_dir: Path | None = None
     public_url: str | None = None
@@ -164,11 +171,13 @@ class Settings:
 
     @property
     def base_url(self) -> str:
-        """The configured public URL, else this process's own address (what workers and webhooks use)."""
+        """The configured public URL, else this process's own address (what workers and webhooks use),
+        https when the server terminates TLS itself."""
         if self.public_url:
             return self.public_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     @property
     def request_overrides(self) -> dict[str, Any]:
@@ -193,6 +202,10 @@ class Settings:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             problems.append(f"public_url must start with http:// or https://, got {self.public_url!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("tls_cert and tls_key go together: set both or neither")
+        elif self.tls_cert is not None and self.tls_key is not None:
+            problems.extend(_tls_problems(self.tls_cert, self.tls_key))
         for name, value in self.request_overrides.items():
             try:
                 FIELDS[name].check(value)
@@ -204,6 +217,25 @@ class Settings:
             problems.append(str(exc))
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def _tls_problems(cert: Path, key: Path) -> list[str]:
+    """Why uvicorn could not serve https with this certificate and key (empty when it can), found
+    before start-up so that the message names the setting rather than an OpenSSL routine."""
+    unreadable = []
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        try:
+            path.read_bytes()
+        except OSError as exc:
+            unreadable.append(f"{name}: cannot read {path}: {exc.strerror}")
+    if unreadable:
+        return unreadable
+    try:  # a password callback, so that an encrypted key fails here instead of prompting on a terminal
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        return [f"tls_cert/tls_key: {cert} and {key} are not a PEM certificate and its unencrypted private key "
+                f"({exc.reason or exc})"]
+    return []
 
 
 assert {o.name for o in OPTIONS} == {f.name for f in fields(Settings)}, "OPTIONS and Settings must list the same settings"

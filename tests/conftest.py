@@ -1,4 +1,4 @@
-"""Shared fixtures: the golden folder beside the project, and tiny checkpoints in both layouts."""
+"""Shared fixtures: the golden folder beside the project, tiny checkpoints in both layouts, example media."""
 
 import os
 from pathlib import Path
@@ -69,3 +69,18 @@ def tiny_pipeline(tiny_weights):
     from model.pipeline import Pipeline
 
     return Pipeline.from_weights(tiny_weights["multitalk"])
+
+
+@pytest.fixture
+def silent_wav(tmp_path) -> Path:
+    """One second of digital silence at 16 kHz: it decodes, so a submit accepts it, and the worker refuses it as
+    silent (a 422 naming the field that only the job's result can carry)."""
+    import wave
+
+    path = tmp_path / "silence.wav"
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16000)
+        wav.writeframes(bytes(32000))
+    return path

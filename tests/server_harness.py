@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -123,3 +124,90 @@ class Cluster:
     def stop_all(self) -> None:
         for process in self.processes:
             process.stop(timeout_s=30)
+
+
+class RestartableRedis:
+    """A redis-server with `appendonly` on a fixed port and folder, which a test can stop and start again:
+    a Redis restart (an outage of a few seconds) that keeps its data."""
+
+    def __init__(self, folder: Path):
+        from local_servers import redis_binary_or_skip
+
+        self.binary, self.folder, self.port = redis_binary_or_skip(), folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "yes", "--dir", str(self.folder)], stdout=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        """SIGTERM: Redis writes its append-only file and exits, as in a restart."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        self.proc = None
+
+
+# --- Store faults on cue, for in-process tests: real errors of the kinds an outage or a full disk raises. ---
+
+
+def sqlite_full_error() -> sqlite3.OperationalError:
+    """A real SQLITE_FULL ("database or disk is full"), from a scratch database capped by `max_page_count`."""
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE t (x TEXT)")
+    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+    try:
+        db.execute("INSERT INTO t VALUES (?)", ("x" * 100_000,))
+    except sqlite3.OperationalError as exc:
+        return exc
+    finally:
+        db.close()
+    raise AssertionError("max_page_count did not stop the insert")
+
+
+def no_space_error() -> OSError:
+    """A real ENOSPC, from writing to /dev/full."""
+    try:
+        with open("/dev/full", "wb") as full:
+            full.write(b"x")
+    except OSError as exc:
+        return exc
+    raise AssertionError("/dev/full took a write")
+
+
+def damage_sqlite_file(path: Path) -> None:
+    """Overwrite every page but the first (the header and schema) with garbage, as a failing disk might,
+    after moving the WAL's pages into the file."""
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = 4096
+    with path.open("r+b") as file:
+        file.seek(page)
+        file.write(b"\xa5" * (path.stat().st_size - page))
+
+
+def failing_first(call, times: int, error: BaseException):
+    """`call`, except that its first `times` calls raise `error`; `.calls` counts every call."""
+    def flaky(*args, **kwargs):
+        flaky.calls += 1
+        if flaky.calls <= times:
+            raise error
+        return call(*args, **kwargs)
+
+    flaky.calls = 0
+    return flaky

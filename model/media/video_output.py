@@ -103,7 +103,8 @@ class Mp4Writer:
         self.frames_written = 0
         self._frame_shape = (height, width, 3)
         self._partial = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.partial")
-        self._workdir = Path(tempfile.mkdtemp(prefix="multitalk-mp4-"))
+        # Beside the output (in a server job's scratch folder, which is swept if the process is killed).
+        self._workdir = Path(tempfile.mkdtemp(prefix=".multitalk-mp4-", dir=self.path.parent))
         self._log = (self._workdir / "ffmpeg.log").open("wb")
         self._process: subprocess.Popen | None = None
         try:

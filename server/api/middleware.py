@@ -6,13 +6,13 @@ pass through untouched.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.errors import request_error_response
 from server.api.public_urls import QUEUE_PREFIX
 from server.files.store import FILES_PATH, UPLOADS_PATH
 
@@ -55,12 +55,13 @@ class BodySizeLimit:
         declared = int(length) if length is not None and length.isdigit() else None
         if path.startswith(UPLOADS_PATH) or path == f"{FILES_PATH}upload":
             if declared is not None and declared > self.max_upload_bytes:
-                await _refuse(send, f"the upload is larger than {self.max_upload_bytes / (1024 * 1024):g} MiB")
+                await _refuse(scope, receive, send,
+                              f"the upload is larger than {self.max_upload_bytes / (1024 * 1024):g} MiB")
                 return
             await self.app(scope, receive, send)
             return
         if declared is not None and declared > self.max_body_bytes:
-            await self._refuse(send)
+            await self._refuse(scope, receive, send)
             return
         received = 0
         started = cut_off = refused = False
@@ -78,7 +79,7 @@ class BodySizeLimit:
                     cut_off = True
                     if not started:
                         refused = True
-                        await self._refuse(send)
+                        await self._refuse(scope, receive, send)
                     return {"type": "http.disconnect"}
             return message
 
@@ -91,18 +92,15 @@ class BodySizeLimit:
 
         await self.app(scope, limited_receive, tracking_send)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit_mib = self.max_body_bytes / (1024 * 1024)
-        await _refuse(send, f"the request body is larger than {limit_mib:g} MiB; upload large media "
-                            "(POST /storage/upload/initiate) and pass its URL")
+        await _refuse(scope, receive, send, f"the request body is larger than {limit_mib:g} MiB; upload large media "
+                                            "(POST /storage/upload/initiate) and pass its URL")
 
 
-async def _refuse(send: Send, detail: str) -> None:
+async def _refuse(scope: Scope, receive: Receive, send: Send, detail: str) -> None:
     """A 413 in fal's flat error shape, sent before the body is read."""
-    body = json.dumps({"detail": detail, "error_type": "payload_too_large"})
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"x-fal-error-type", b"payload_too_large")]})
-    await send({"type": "http.response.body", "body": body.encode()})
+    await request_error_response(413, detail, "payload_too_large")(scope, receive, send)
 
 
 class RequestIdAndAccessLog:

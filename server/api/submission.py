@@ -5,7 +5,10 @@ or non-media URL, or a broken data URI, is answered at once with a 422 naming th
 requests as for synchronous ones, instead of failing minutes later in a worker. Images are also
 decoded in full, by the worker's own `load_image` (its size limits, read from the header, come first),
 because a file can start like an image and still not decode: the one definition of a usable image,
-applied where a refusal is a 422 rather than a failed job.
+applied where a refusal is a 422 rather than a failed job. Audio is checked the same way, by the
+worker's own bounded decode (`check_audio_decodes`: header limits, then ffmpeg's whole output counted
+and dropped, never held): what does not decode, or is too short, too long or too large to decode, is a
+422 at submit. Only what the samples themselves show (silence, NaN) is left to the worker.
 
 Once fetched, the inputs are kept in the file store and the job refers to them there, so a job never
 depends on a URL that may change or expire, retries use the same bytes, and job records stay small
@@ -21,17 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
 from model.contract.fields import FIELDS, seed_or_random
+from model.media.audio_decode import check_audio_decodes
 from model.media.image_input import load_image
 from server.api.errors import RequestError
 from server.api.public_urls import rebase_url
 from server.api.schemas import AvatarMultiInput, media_inputs, to_generation_options
 from server.files.fetch import FetchSettings, fetch_input
+from server.files.scratch import process_scratch
 from server.files.store import FileStore
 from server.jobs import Job, QueueFull
 from server.services import APP_ID, Services
@@ -50,10 +55,15 @@ class _FilesSeenFrom:
         return self.files.resolve_url(rebase_url(url, self.base_url, self.files.public_base_url))
 
 
+# The worker's own definition of a usable input, by kind. Images are decoded in full; audio is decoded in full
+# too, by the worker's bounded decode, but counted instead of kept (the API holds no samples, loads no librosa).
+_CHECK_DECODES: dict[str, Callable[[Path, str], object]] = {"image": load_image, "audio": check_audio_decodes}
+
+
 async def stage_inputs(inp: AvatarMultiInput, files: FileStore, fetch: FetchSettings, base_url: str) -> dict:
     """The job's stored input: the contract's options with the seed fixed, and the ids of the kept media."""
     media = media_inputs(inp)
-    workdir = Path(tempfile.mkdtemp(prefix="multitalk-submit-"))
+    workdir = await run_in_threadpool(process_scratch().make_dir, "submit-")
     try:
         local = _FilesSeenFrom(files, base_url)
         fetched = await asyncio.gather(*(
@@ -61,8 +71,7 @@ async def stage_inputs(inp: AvatarMultiInput, files: FileStore, fetch: FetchSett
             for field, url in media.items()
         ))
         for field, file in zip(media, fetched):  # all checked before any is kept: a refusal leaves nothing behind
-            if FIELDS[field].kind == "image":
-                await run_in_threadpool(load_image, file.path, field)
+            await run_in_threadpool(_CHECK_DECODES[FIELDS[field].kind], file.path, field)
         kept_ids = {}
         for field, file in zip(media, fetched):
             kept = await run_in_threadpool(files.add_file, file.path, file.content_type,
@@ -78,8 +87,9 @@ async def accept(inp: AvatarMultiInput, services: Services, base_url: str, webho
     """Queue the request; 422 for unusable inputs (InputError), 429 when the queue is full.
 
     A full queue is refused before the inputs are fetched (no wasted download) and again,
-    atomically, by the store's submit (concurrent submits may have filled it meanwhile; the
-    inputs kept for this request are then deleted).
+    atomically, by the store's submit (concurrent submits may have filled it meanwhile). When the
+    submit fails, for that or any other reason (the job store unreachable or full: the error
+    handlers' 503 or 507), the inputs kept for this request are deleted: nothing half-accepted stays.
     """
     limit = services.settings.max_queue
     if max_queue is not None:
@@ -89,10 +99,12 @@ async def accept(inp: AvatarMultiInput, services: Services, base_url: str, webho
     stored_input = await stage_inputs(inp, services.files, services.fetch, base_url)
     try:
         return await run_in_threadpool(services.store.submit, APP_ID, stored_input, webhook_url, limit, owner)
-    except QueueFull as exc:
+    except BaseException as exc:
         for file_id in stored_input["files"].values():
             services.files.delete(file_id)
-        raise _queue_full(str(exc)) from None
+        if isinstance(exc, QueueFull):
+            raise _queue_full(str(exc)) from None
+        raise
 
 
 def _queue_full(detail: str) -> RequestError:

@@ -6,11 +6,13 @@ import argparse
 import logging
 import signal
 import threading
+from typing import Callable, TypeVar
 
 from server.logging_setup import setup_logging
 from server.settings import add_flags, load_settings
 
 logger = logging.getLogger("multitalk")
+T = TypeVar("T")
 
 
 def _settings_or_exit(args: argparse.Namespace):
@@ -20,6 +22,16 @@ def _settings_or_exit(args: argparse.Namespace):
         raise SystemExit(f"multitalk {args.command}: invalid setting: {exc}") from None
 
 
+def _built_or_exit(args: argparse.Namespace, build: Callable[[], T]) -> T:
+    """`build()`, or exit with the store's own message when its file is damaged (it says what to do), not a traceback."""
+    from server.jobs import DamagedJobStore
+
+    try:
+        return build()
+    except DamagedJobStore as exc:
+        raise SystemExit(f"multitalk {args.command}: {exc}") from None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -27,9 +39,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = _settings_or_exit(args)
     setup_logging(args.verbose, settings.log_json)
-    app = create_app(settings)
+    app = _built_or_exit(args, lambda: create_app(settings))
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=30, ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
     return 0
 
 
@@ -39,7 +51,7 @@ def run_worker_command(args: argparse.Namespace) -> int:
 
     settings = _settings_or_exit(args)
     setup_logging(args.verbose, settings.log_json)
-    services = Services.from_settings(settings)
+    services = _built_or_exit(args, lambda: Services.from_settings(settings))
     stop = threading.Event()
 
     def request_stop(signum, frame) -> None:

@@ -99,8 +99,11 @@ class FileStore:
         file_name = file_name or Path(source).name
         file_id = self._new_id(file_name, content_type)
         partial = self._partial_path(file_id)
-        shutil.move(os.fspath(source), partial)  # a copy when crossing file systems, hence the temporary name
-        os.replace(partial, self._data_path(file_id))
+        try:
+            shutil.move(os.fspath(source), partial)  # a copy when crossing file systems, hence the temporary name
+            os.replace(partial, self._data_path(file_id))
+        finally:
+            partial.unlink(missing_ok=True)  # what a failed copy (a full disk) wrote
         return self._commit(file_id, content_type, file_name)
 
     def initiate_upload(self, content_type: str | None, file_name: str | None) -> PendingUpload:
@@ -228,13 +231,18 @@ class FileStore:
             partial.unlink(missing_ok=True)
 
     def _commit(self, file_id: str, content_type: str | None, file_name: str | None) -> StoredFile:
-        """Record the metadata of data already in place; the file is visible from here on."""
+        """Record the metadata of data already in place; the file is visible from here on. When the
+        metadata cannot be written (a full disk), the data goes too: no file is kept without it."""
         meta = {
             "content_type": _clean_content_type(content_type),
             "file_name": _clean_file_name(file_name) or file_id,
             "size": self._data_path(file_id).stat().st_size,
         }
-        _write_json_atomically(self._meta_path(file_id), meta)
+        try:
+            _write_json_atomically(self._meta_path(file_id), meta)
+        except BaseException:
+            self._data_path(file_id).unlink(missing_ok=True)
+            raise
         return self.get(file_id)
 
 
@@ -269,5 +277,8 @@ def _clean_file_name(file_name: str | None) -> str:
 
 def _write_json_atomically(path: Path, value: dict) -> None:
     partial = path.with_name(f".{path.name}.part")
-    partial.write_text(json.dumps(value))
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(value))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)  # left only by a failed write (a full disk)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from server.jobs.redis_store import RedisJobStore
-from server.jobs.sqlite_store import SqliteJobStore
+from server.jobs.sqlite_store import DamagedJobStore, SqliteJobStore
 from server.jobs.store import (
     COMPLETED,
     DURATION_BUCKETS_S,
@@ -13,6 +13,9 @@ from server.jobs.store import (
     IN_QUEUE,
     LOG_LEVELS,
     OUTCOMES,
+    WEBHOOK_DELIVERED,
+    WEBHOOK_FAILED,
+    WEBHOOK_PENDING,
     WORKER_LOST,
     CancelResult,
     Histogram,
@@ -22,13 +25,15 @@ from server.jobs.store import (
     Outcome,
     QueueFull,
     Status,
+    WebhookState,
     WorkerInfo,
 )
 
 __all__ = [
-    "COMPLETED", "DURATION_BUCKETS_S", "IN_PROGRESS", "IN_QUEUE", "LOG_LEVELS", "OUTCOMES", "WORKER_LOST",
-    "CancelResult", "Histogram", "Job", "JobStats", "JobStore", "Outcome", "QueueFull", "RedisJobStore",
-    "SqliteJobStore", "Status", "WorkerInfo", "open_job_store",
+    "COMPLETED", "DURATION_BUCKETS_S", "IN_PROGRESS", "IN_QUEUE", "LOG_LEVELS", "OUTCOMES", "WEBHOOK_DELIVERED",
+    "WEBHOOK_FAILED", "WEBHOOK_PENDING", "WORKER_LOST", "CancelResult", "DamagedJobStore", "Histogram", "Job",
+    "JobStats", "JobStore", "Outcome", "QueueFull", "RedisJobStore", "SqliteJobStore", "Status", "WebhookState",
+    "WorkerInfo", "open_job_store",
 ]
 
 

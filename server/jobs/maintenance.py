@@ -1,8 +1,9 @@
 """Housekeeping the API process runs in the background.
 
 * Jobs whose worker died (lease ran out) are re-queued or failed, even when no worker is left to
-  notice; the completed ones get their webhook.
-* Finished jobs and stored files older than the retention time are deleted.
+  notice; failing one puts its webhook in the store's outbox, and `on_completed` sends it at once.
+* Finished jobs and stored files older than the retention time are deleted (a job whose webhook is
+  still pending is kept until it is delivered or given up).
 
 Every API replica may run it: each store operation is atomic and each expired id is handed to one
 caller only.
@@ -53,7 +54,7 @@ async def run_maintenance(services: Services) -> None:
                                     services.job_completed)
             if sweeps % CLEANUP_EVERY_SWEEPS == 0:
                 await run_in_threadpool(delete_expired, services)
-        except Exception:  # noqa: BLE001 - housekeeping must outlive a store hiccup
+        except Exception:  # housekeeping must outlive a store hiccup
             logger.exception("maintenance round failed")
         sweeps += 1
         await asyncio.sleep(SWEEP_EVERY_S)

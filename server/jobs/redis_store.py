@@ -3,8 +3,9 @@
 Keys under `prefix`: a hash per job (`job:<id>`, the Job's record plus its submission number `seq`),
 a list per job's logs (`logs:<id>`), and sorted sets that index jobs by state: `queue` (score: seq,
 so a re-queued job gets its place back), `running` (score: lease end), `done:<outcome>` (score:
-finish time). The hash and its index entry always change together in one MULTI/EXEC, with the
-statistics counters in the hash `stats` that the change adds to. A worker's heartbeat is a key
+finish time), and `webhooks`, the outbox (score: when the webhook is next due; a job is in it while
+its webhook is pending). The hash and its index entries always change together in one MULTI/EXEC,
+with the statistics counters in the hash `stats` that the change adds to. A worker's heartbeat is a key
 `worker:<id>` that expires with its ttl, listed by the sorted set `workers` (score: expiry), whose
 stale entries the next heartbeat removes.
 
@@ -24,19 +25,36 @@ from typing import Any, Callable
 
 import redis
 
-from server.jobs.store import IN_PROGRESS, IN_QUEUE, OUTCOMES, Job, JobStore, WorkerInfo, check_room, stat_increments
+from server.jobs.store import (
+    IN_PROGRESS,
+    IN_QUEUE,
+    OUTCOMES,
+    Job,
+    JobStore,
+    WorkerInfo,
+    check_room,
+    stat_increments,
+)
 
 
 class RedisJobStore(JobStore):
     """Jobs in the Redis at `url` (e.g. redis://host:6379/0), keys under `prefix`."""
 
     def __init__(self, url: str, prefix: str = "multitalk"):
-        self._redis = redis.Redis.from_url(url, decode_responses=True)
+        self._redis = redis.Redis.from_url(
+            url, decode_responses=True,
+            # An outage surfaces within seconds as ConnectionError/TimeoutError (server.jobs.failures), not a hang;
+            # a dropped connection (a restarted Redis) is retried at once with backoff, a timeout never (the command
+            # may have run).
+            socket_connect_timeout=5, socket_timeout=10,
+            retry=redis.retry.Retry(redis.backoff.ExponentialWithJitterBackoff(base=0.1, cap=1.0), retries=3,
+                                    supported_errors=(redis.ConnectionError,)))
         self._prefix = prefix
         self._queue = f"{prefix}:queue"
         self._running = f"{prefix}:running"
         self._stats = f"{prefix}:stats"
         self._workers = f"{prefix}:workers"
+        self._webhooks = f"{prefix}:webhooks"
 
     def _job_key(self, id: str) -> str:
         return f"{self._prefix}:job:{id}"
@@ -135,6 +153,10 @@ class RedisJobStore(JobStore):
             pipe.zadd(self._running, {job.id: job.lease_expires_at})
         else:
             pipe.zadd(self._done_key(job.outcome), {job.id: job.finished_at})
+        if job.webhook_due_at is None:
+            pipe.zrem(self._webhooks, job.id)
+        else:
+            pipe.zadd(self._webhooks, {job.id: job.webhook_due_at})
 
     def _add_stats(self, pipe: redis.client.Pipeline, increments: dict[str, int | float]) -> None:
         for name, amount in increments.items():
@@ -149,9 +171,23 @@ class RedisJobStore(JobStore):
     def _push_log(self, id: str, entry: dict[str, Any]) -> None:
         self._redis.rpush(self._log_key(id), json.dumps(entry))
 
+    def _webhooks_due_at(self, now: float) -> list[tuple[str, str]]:
+        ids = self._redis.zrangebyscore(self._webhooks, "-inf", now)
+        pipe = self._redis.pipeline(transaction=False)
+        for id in ids:
+            pipe.hget(self._job_key(id), "webhook_url")
+        return [(id, url) for id, url in zip(ids, pipe.execute() if ids else []) if url is not None]
+
     def _delete_finished(self, before: float) -> list[str]:
-        found = [(outcome, id) for outcome in OUTCOMES
-                 for id in self._redis.zrangebyscore(self._done_key(outcome), "-inf", f"({before}")]
+        finished = [(outcome, id) for outcome in OUTCOMES
+                    for id in self._redis.zrangebyscore(self._done_key(outcome), "-inf", f"({before}")]
+        if not finished:
+            return []
+        # A completed job's webhook never becomes pending again, so one not pending now stays so.
+        pipe = self._redis.pipeline(transaction=False)
+        for _, id in finished:
+            pipe.zscore(self._webhooks, id)
+        found = [job for job, due_at in zip(finished, pipe.execute()) if due_at is None]
         if not found:
             return []
         pipe = self._redis.pipeline(transaction=True)

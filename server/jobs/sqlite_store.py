@@ -5,7 +5,12 @@ readers run beside the one writer; every change is one short `BEGIN IMMEDIATE` t
 takes the database's write lock before reading, so a bounded submit or a claim is atomic across
 processes, not just threads. Writers that find the lock taken wait (busy timeout) instead of failing.
 Statistics counters live in `stats`, changed in the transaction that changes the job; heartbeats in
-`workers`, whose expired rows the next heartbeat deletes.
+`workers`, whose expired rows the next heartbeat deletes. The webhook outbox is the jobs' webhook
+columns, with an index of the pending ones by due time.
+
+A file that SQLite cannot read in full (a damaged header, a truncated file, a damaged page found by
+`PRAGMA quick_check` when the store opens) is refused with DamagedJobStore, instead of serving a
+store whose every read fails.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from server.jobs.store import (
     IN_QUEUE,
     JOB_FIELDS,
     OUTCOMES,
+    WEBHOOK_PENDING,
     Job,
     JobStore,
     WorkerInfo,
@@ -54,7 +60,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL,
     worker_id TEXT,
     lease_expires_at REAL,
-    owner TEXT
+    owner TEXT,
+    webhook_state TEXT,
+    webhook_attempts INTEGER NOT NULL DEFAULT 0,
+    webhook_due_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status_seq ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_status_lease ON jobs (status, lease_expires_at);
@@ -79,6 +88,12 @@ CREATE TABLE IF NOT EXISTS workers (
     expires_at REAL NOT NULL
 );
 """
+# Columns added after the first release: a file made before them gets them on open.
+_ADDED_COLUMNS = {"owner": "TEXT", "webhook_state": "TEXT", "webhook_attempts": "INTEGER NOT NULL DEFAULT 0",
+                  "webhook_due_at": "REAL"}
+# Created after the columns are added, since an older file lacks them until then.
+_WEBHOOK_INDEX = ("CREATE INDEX IF NOT EXISTS jobs_by_webhook_due ON jobs (webhook_due_at) "
+                  "WHERE webhook_due_at IS NOT NULL")
 _INSERT = f"INSERT INTO jobs ({', '.join(JOB_FIELDS)}) VALUES ({', '.join(':' + f for f in JOB_FIELDS)})"
 _UPDATE = f"UPDATE jobs SET {', '.join(f'{f} = :{f}' for f in JOB_FIELDS if f != 'id')} WHERE id = :id"
 _ADD_STAT = ("INSERT INTO stats (name, value) VALUES (?, ?) "
@@ -86,6 +101,15 @@ _ADD_STAT = ("INSERT INTO stats (name, value) VALUES (?, ?) "
 _SAVE_WORKER = ("INSERT INTO workers (id, info, seen_at, expires_at) VALUES (:id, :info, :seen_at, :expires_at) "
                 "ON CONFLICT (id) DO UPDATE SET info = excluded.info, seen_at = excluded.seen_at, "
                 "expires_at = excluded.expires_at")
+
+
+class DamagedJobStore(sqlite3.DatabaseError):
+    """The job store's file is damaged; the server refuses to start on it rather than fail every read."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"the job store {path} is damaged ({reason}). Stop every process using it, move it aside "
+                         f"(with its -wal and -shm files, if any) and start again: the server then starts with an "
+                         f"empty job store")
 
 
 class _ThreadConnection:
@@ -111,13 +135,29 @@ class SqliteJobStore(JobStore):
         self._local = threading.local()
         self._connections: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()  # the threads' live ones
         self._connections_lock = threading.Lock()
-        self._db().execute("PRAGMA journal_mode=WAL")  # stored in the file: every later connection uses it
-        with self._write() as db:
-            for statement in _SCHEMA.split(";"):
-                db.execute(statement)
-            columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
-            if "owner" not in columns:  # a job store made before jobs had owners
-                db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+        try:
+            self._check_intact()
+            self._db().execute("PRAGMA journal_mode=WAL")  # stored in the file: every later connection uses it
+            with self._write() as db:
+                for statement in _SCHEMA.split(";"):
+                    db.execute(statement)
+                columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+                for name, definition in _ADDED_COLUMNS.items():
+                    if name not in columns:  # a job store made before this column existed
+                        db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
+                db.execute(_WEBHOOK_INDEX)
+        except sqlite3.DatabaseError as exc:  # e.g. "file is not a database": a damaged header
+            self.close()
+            if isinstance(exc, DamagedJobStore):
+                raise
+            raise DamagedJobStore(self._path, str(exc)) from exc
+
+    def _check_intact(self) -> None:
+        """Read every page once (PRAGMA quick_check): a damaged page would otherwise only show when a
+        read reaches it, with the server already up and answering."""
+        problems = [row[0] for row in self._db().execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise DamagedJobStore(self._path, "; ".join(problems[:3]))
 
     def _db(self) -> sqlite3.Connection:
         owned = getattr(self._local, "connection", None)
@@ -138,7 +178,8 @@ class SqliteJobStore(JobStore):
         try:
             yield db
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLITE_FULL and others roll back by themselves; a ROLLBACK would hide them
+                db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
 
@@ -210,10 +251,15 @@ class SqliteJobStore(JobStore):
             db.execute("INSERT INTO logs (job_id, message, level, source, timestamp) "
                        "VALUES (:job_id, :message, :level, :source, :timestamp)", {"job_id": id, **entry})
 
+    def _webhooks_due_at(self, now: float) -> list[tuple[str, str]]:
+        rows = self._db().execute("SELECT id, webhook_url FROM jobs WHERE webhook_due_at <= ? ORDER BY webhook_due_at",
+                                  (now,))
+        return [(id, url) for id, url in rows]
+
     def _delete_finished(self, before: float) -> list[str]:
         with self._write() as db:
-            ids = [id for (id,) in db.execute("SELECT id FROM jobs WHERE status = ? AND finished_at < ?",
-                                              (COMPLETED, before))]
+            ids = [id for (id,) in db.execute("SELECT id FROM jobs WHERE status = ? AND finished_at < ? "
+                                              "AND webhook_state IS NOT ?", (COMPLETED, before, WEBHOOK_PENDING))]
             db.executemany("DELETE FROM logs WHERE job_id = ?", [(id,) for id in ids])
             db.executemany("DELETE FROM jobs WHERE id = ?", [(id,) for id in ids])
         return ids

@@ -12,6 +12,13 @@ A worker holds a running job through a lease that it renews; a job whose lease r
 died) is put back in the queue at its original place, or failed with a clear error once it has used
 its attempts, so it is never silently lost.
 
+A job submitted with a webhook_url carries its webhook's delivery state with it (a durable outbox):
+the write that completes the job, whichever way it completes, also marks its webhook pending and due
+now, so a crash right after completion cannot lose it. Any process's webhook sender lists the due
+webhooks, takes one for an attempt (atomically, for a hold: no two senders make the same attempt, and
+one whose sender died becomes due again when the hold ends), and records how the attempt went
+(delivered, retry at a later time, or given up). See server/jobs/webhooks.py.
+
 The store also keeps what /metrics reports beyond the jobs stored now: totals of completed jobs and
 histograms of their run and queue-wait times, counted atomically with the transition that ends (or
 starts) a job, so they survive expire_finished(); and the heartbeats of live workers, each valid for
@@ -29,6 +36,7 @@ from typing import Any, Callable, Literal, Mapping
 
 Status = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
 Outcome = Literal["OK", "ERROR", "CANCELLED"]
+WebhookState = Literal["pending", "delivered", "failed"]
 # What a cancel did, in the words of fal's cancel endpoint, so the API can send it as is.
 CancelResult = Literal["OK", "CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"]
 
@@ -36,6 +44,9 @@ IN_QUEUE: Status = "IN_QUEUE"
 IN_PROGRESS: Status = "IN_PROGRESS"
 COMPLETED: Status = "COMPLETED"
 OUTCOMES: tuple[Outcome, ...] = ("OK", "ERROR", "CANCELLED")
+WEBHOOK_PENDING: WebhookState = "pending"
+WEBHOOK_DELIVERED: WebhookState = "delivered"
+WEBHOOK_FAILED: WebhookState = "failed"
 # fal's log levels (status endpoint, `logs=1`).
 LOG_LEVELS = ("STDERR", "STDOUT", "ERROR", "INFO", "WARN", "DEBUG")
 # error_type of a job failed because its worker kept dying (crash, OOM kill, lost host).
@@ -70,6 +81,11 @@ class Job:
     worker_id: str | None = None
     lease_expires_at: float | None = None
     owner: str | None = None  # who may read and cancel it: a digest of the submitting API key (none without keys)
+    # The webhook's outbox entry, set when a job with a webhook_url completes: pending until delivered
+    # or given up; attempts taken so far; when the next attempt may be taken (None: nothing to send).
+    webhook_state: WebhookState | None = None
+    webhook_attempts: int = 0
+    webhook_due_at: float | None = None
 
     def to_record(self) -> dict[str, str | int | float | None]:
         """Flat scalars for a SQLite row or a Redis hash: dicts as JSON text, booleans as 0/1."""
@@ -104,6 +120,8 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
     "finished_at": float,
     "lease_expires_at": float,
     "attempts": int,
+    "webhook_attempts": int,
+    "webhook_due_at": float,
     "cancel_requested": lambda raw: bool(int(raw)),
 }
 
@@ -220,8 +238,10 @@ def _renewed(job: Job, worker_id: str, now: float, lease_s: float) -> Job | None
 
 def _completed(job: Job, now: float, outcome: Outcome, result: dict[str, Any] | None = None,
                error: str | None = None, error_type: str | None = None) -> Job:
+    """Every way a job completes ends here, so its webhook enters the outbox in the same write."""
+    webhook = {"webhook_state": WEBHOOK_PENDING, "webhook_due_at": now} if job.webhook_url is not None else {}
     return dataclasses.replace(job, status=COMPLETED, outcome=outcome, result=result, error=error,
-                               error_type=error_type, finished_at=now, lease_expires_at=None)
+                               error_type=error_type, finished_at=now, lease_expires_at=None, **webhook)
 
 
 def _finished(job: Job, worker_id: str, now: float, outcome: Outcome, result: dict[str, Any] | None,
@@ -250,6 +270,22 @@ def _after_lost_worker(job: Job, now: float, max_attempts: int) -> Job | None:
     return _completed(job, now, "ERROR", error_type=WORKER_LOST,
                       error=f"the worker running this job stopped responding on each of its {job.attempts} "
                             "attempts (it crashed or was killed); not retrying")
+
+
+def _webhook_taken(job: Job, now: float, hold_s: float) -> Job | None:
+    """A due webhook taken for its next attempt, not due again until the hold ends."""
+    if job.webhook_state != WEBHOOK_PENDING or job.webhook_due_at is None or job.webhook_due_at > now:
+        return None
+    return dataclasses.replace(job, webhook_attempts=job.webhook_attempts + 1, webhook_due_at=now + hold_s)
+
+
+def _webhook_attempted(job: Job, attempt: int, now: float, state: WebhookState, retry_in_s: float) -> Job | None:
+    """How attempt number `attempt` went: delivered, failed for good, or pending again from now + retry_in_s.
+    Ignored when that attempt is no longer the latest (its hold ran out and another sender took the next)."""
+    if job.webhook_state != WEBHOOK_PENDING or job.webhook_attempts != attempt:
+        return None
+    due_at = now + retry_in_s if state == WEBHOOK_PENDING else None
+    return dataclasses.replace(job, webhook_state=state, webhook_due_at=due_at)
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -325,6 +361,30 @@ class JobStore(ABC):
                                         f"of {max_attempts} used)", level="WARN", source="server")
         return changed
 
+    def due_webhooks(self) -> list[tuple[str, str]]:
+        """(job id, webhook URL) of each pending webhook due now, the longest due first."""
+        return self._webhooks_due_at(self._now())
+
+    def take_webhook(self, id: str, hold_s: float) -> Job | None:
+        """Take job `id`'s due webhook for one attempt, numbered by the returned job's webhook_attempts;
+        it is not due again for hold_s (longer than an attempt can take), so no other sender takes it
+        meanwhile, and it comes back by itself if this sender dies. None when it is not due (another
+        sender holds it, or it is no longer pending)."""
+        _check_positive("hold_s", hold_s)
+        now = self._now()
+        return self._update(id, lambda job: _webhook_taken(job, now, hold_s))[1]
+
+    def record_webhook_attempt(self, id: str, attempt: int, state: WebhookState, retry_in_s: float = 0.0) -> bool:
+        """Record how attempt number `attempt` (from take_webhook) went: `delivered`, `failed` (given
+        up), or `pending` to retry retry_in_s from now. False (nothing written) when a later attempt
+        has been taken since, because this one outlived its hold."""
+        if state not in (WEBHOOK_PENDING, WEBHOOK_DELIVERED, WEBHOOK_FAILED):
+            raise ValueError(f"state must be pending, delivered or failed, got {state!r}")
+        if retry_in_s < 0:
+            raise ValueError(f"retry_in_s must be >= 0, got {retry_in_s}")
+        now = self._now()
+        return self._update(id, lambda job: _webhook_attempted(job, attempt, now, state, retry_in_s))[1] is not None
+
     def append_log(self, id: str, message: str, level: str = "INFO", source: str = "worker") -> None:
         """Add a progress line, shown by the status endpoint with `logs=1`."""
         if level not in LOG_LEVELS:
@@ -347,8 +407,9 @@ class JobStore(ABC):
         return sorted(self._workers_alive_at(self._now()), key=lambda worker: worker.id)
 
     def expire_finished(self, older_than_s: float) -> list[str]:
-        """Delete jobs (and their logs) finished more than older_than_s ago; returns their ids so
-        the caller deletes their files. Each id is returned to one caller only."""
+        """Delete jobs (and their logs) finished more than older_than_s ago, except those whose webhook
+        is still pending; returns their ids so the caller deletes their files. Each id is returned to
+        one caller only."""
         if older_than_s < 0:
             raise ValueError(f"older_than_s must be >= 0, got {older_than_s}")
         return self._delete_finished(before=self._now() - older_than_s)
@@ -406,8 +467,13 @@ class JobStore(ABC):
     def _push_log(self, id: str, entry: dict[str, Any]) -> None: ...
 
     @abstractmethod
+    def _webhooks_due_at(self, now: float) -> list[tuple[str, str]]:
+        """(id, webhook_url) of the jobs whose webhook_due_at is at or before `now`, earliest first."""
+
+    @abstractmethod
     def _delete_finished(self, before: float) -> list[str]:
-        """Delete completed jobs finished before `before`, with their logs; return their ids."""
+        """Delete completed jobs finished before `before` whose webhook is not pending, with their
+        logs; return their ids."""
 
     @abstractmethod
     def _read_stats(self) -> dict[str, float]:

@@ -8,14 +8,24 @@ A job submitted with `?fal_webhook=URL` gets one POST of JSON when it completes:
 result endpoint answers with; a payload that cannot be written as strict JSON becomes null with a
 `payload_error` saying why.
 
-Delivery runs on one background thread, so no job ever waits for a receiver. A connection error, a
-timeout or a non-2xx answer is retried with doubling, capped, jittered backoff, up to `attempts`
-times, always with the same body bytes: receivers must treat a repeated `request_id` as one event.
+The outbox. A webhook waits in the job store, with its job: the write that completes a job marks its
+webhook pending and due now, so neither a crash right after completion nor a restart while a retry
+waits loses it. Every process with the server's services (the API, each `multitalk worker`) runs one
+WebhookSender, which takes due webhooks from the store one attempt at a time (atomically, for a hold
+longer than an attempt can last: two senders never make the same attempt, and an attempt whose
+sender died or was closed is made again by whoever takes it after the hold) and records how each
+went. Attempts run concurrently, at most `max_per_host` at a time to one receiver host and
+`max_in_flight` in all, so a slow or hanging receiver only ever occupies its own slots; no job ever
+waits for a receiver. A connection error, a timeout or a non-2xx answer is retried with doubling,
+capped, jittered backoff, up to `attempts` times, always with the same body bytes (rebuilt from the
+stored job, identical across restarts). Delivery is at least once: receivers must treat a repeated
+`request_id` as one event.
+
 Redirects are not followed. The URL is the caller's, and the server posts from inside its own
 network, so the host is resolved and refused if any of its addresses is not public (unless listed in
 `FetchSettings.allowed_hosts`), and the connection goes to the vetted address, through the same
-`server.files.safe_http` as input fetching: a private address is refused for good, a name that does
-not resolve is retried like any other failure.
+`server.files.safe_http` as input fetching: a private address is refused for good (no retry), a name
+that does not resolve is retried like any other failure.
 
 Signing. fal signs with Ed25519 keys published through JWKS; a self-hosted server has no key
 infrastructure, so it uses a shared secret instead. Every attempt carries the job's id, and with a
@@ -35,14 +45,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import heapq
 import hmac
-import itertools
 import json
 import logging
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +61,15 @@ import httpx
 
 from server.files import safe_http
 from server.files.fetch import FetchSettings
-from server.jobs.store import COMPLETED, Job
+from server.jobs.store import (
+    COMPLETED,
+    WEBHOOK_DELIVERED,
+    WEBHOOK_FAILED,
+    WEBHOOK_PENDING,
+    Job,
+    JobStore,
+    WebhookState,
+)
 
 logger = logging.getLogger("multitalk.webhooks")
 
@@ -65,6 +82,8 @@ USER_AGENT = "multitalk-server (webhook)"
 _DEFAULT_ERRORS = {"ERROR": ("the request failed", "internal_error"),
                    "CANCELLED": ("the request was cancelled", "client_cancelled")}
 _MAX_DOUBLINGS = 32  # keeps 2**n finite for any `attempts`; the cap is reached long before
+_PHASES_PER_ATTEMPT = 3  # connecting, sending, the answer: each within timeout_s
+_HOLD_MARGIN_S = 30.0  # a taken webhook's hold beyond its attempt's limit, for the store writes around it
 
 
 # -- the message --------------------------------------------------------------------------------
@@ -167,124 +186,173 @@ class _Refused(Exception):
     """A delivery that no retry can help: the URL is unusable or points somewhere it must not."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Delivery:
+    """One attempt at one job's webhook, as taken from the outbox."""
+
     request_id: str
     url: str
     body: bytes
-    attempts: int = 0
+    attempt: int
+
+    @classmethod
+    def of(cls, job: Job) -> _Delivery:
+        return cls(job.id, job.webhook_url, encode(webhook_payload(job)), job.webhook_attempts)
 
     @property
     def host(self) -> str:
-        """host[:port] for logs; the rest of the URL may hold a caller's token."""
-        try:
-            return urlsplit(self.url).netloc.rpartition("@")[2]
-        except ValueError:  # e.g. an unclosed IPv6 bracket; the log line must still be written
-            return "(unparsable URL)"
+        return _host(self.url)
+
+
+def _host(url: str) -> str:
+    """host[:port], for logs and the per-receiver cap; the rest of the URL may hold a caller's token."""
+    try:
+        return urlsplit(url).netloc.rpartition("@")[2].lower()
+    except ValueError:  # e.g. an unclosed IPv6 bracket; the log line must still be written
+        return "(unparsable URL)"
 
 
 class WebhookSender:
-    """Posts completed jobs' webhooks from one daemon thread, retrying failures on a schedule.
+    """Delivers the job store's pending webhooks from an asyncio loop on one daemon thread.
 
-    Deliveries wait in a heap ordered by when they are next due, so one receiver in backoff does
-    not hold up the others; one that is slow to answer holds the thread for at most timeout_s.
-    A falsy `secret` sends unsigned webhooks. `fetch_settings.allowed_hosts` exempts hosts from the
-    private-address refusal (an on-prem receiver, 127.0.0.1 in tests).
+    The loop lists the due webhooks when woken (`wake`, after a job completed; a slot freed; a retry
+    falling due) and every poll_s (webhooks that other processes left due), and starts an attempt for
+    each while its receiver host has a free slot. A falsy `secret` sends unsigned webhooks.
+    `fetch_settings.allowed_hosts` exempts hosts from the private-address refusal (an on-prem
+    receiver, 127.0.0.1 in tests).
     """
 
-    def __init__(self, secret: str | None, attempts: int = 10, first_backoff_s: float = 5,
-                 max_backoff_s: float = 900, timeout_s: float = 15, fetch_settings: FetchSettings | None = None):
-        if attempts < 1:
-            raise ValueError(f"attempts must be >= 1, got {attempts}")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    def __init__(self, store: JobStore, secret: str | None, attempts: int = 10, first_backoff_s: float = 5,
+                 max_backoff_s: float = 900, timeout_s: float = 15, fetch_settings: FetchSettings | None = None,
+                 max_in_flight: int = 32, max_per_host: int = 4, poll_s: float = 1.0):
+        for name, value in (("attempts", attempts), ("max_in_flight", max_in_flight), ("max_per_host", max_per_host)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name, value in (("timeout_s", timeout_s), ("poll_s", poll_s)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        self.store = store
         self.secret = secret or None
         self.attempts = attempts
         self.first_backoff_s = first_backoff_s
         self.max_backoff_s = max_backoff_s
         self.timeout = httpx.Timeout(timeout_s)
+        # Each phase of an attempt gets timeout_s; the attempt as a whole is cut off at the sum, which
+        # also stops a receiver that trickles its answer. The hold adds room for the store writes around it.
+        self.attempt_limit_s = _PHASES_PER_ATTEMPT * timeout_s
+        self.hold_s = self.attempt_limit_s + _HOLD_MARGIN_S
         self.settings = fetch_settings or FetchSettings()
-        self._due: list[tuple[float, int, _Delivery]] = []
-        self._order = itertools.count()  # breaks ties in the heap; deliveries themselves do not compare
-        self._wake = threading.Condition()
-        self._closing_by: float | None = None
+        self.max_in_flight = max_in_flight
+        self.max_per_host = max_per_host
+        self.poll_s = poll_s
+        self._in_flight: dict[str, asyncio.Task[None]] = {}  # by job id; touched on the loop's thread only
+        self._per_host: Counter[str] = Counter()
+        self._closing = False
+        self._loop = asyncio.new_event_loop()
+        self._wakeup = asyncio.Event()
         self._thread = threading.Thread(target=self._run, name="multitalk-webhooks", daemon=True)
         self._thread.start()
 
-    def send(self, job: Job) -> None:
-        """Queue the webhook of a completed job and return at once; nothing when it has no webhook_url."""
-        if job.webhook_url is None:
-            return
-        delivery = _Delivery(job.id, job.webhook_url, encode(webhook_payload(job)))
-        with self._wake:
-            if self._closing_by is not None:
-                logger.warning("webhook dropped request_id=%s attempt=0 host=%s reason=the sender is closed",
-                               delivery.request_id, delivery.host)
-                return
-            self._schedule(delivery, time.monotonic())
+    def wake(self) -> None:
+        """Look for due webhooks now (a job just completed) rather than at the next poll. Thread-safe;
+        nothing after close (the webhook waits in the store for the next sender)."""
+        try:
+            self._loop.call_soon_threadsafe(self._wakeup.set)
+        except RuntimeError:  # the loop is closed
+            pass
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop taking webhooks, make the attempts already due within timeout_s, and drop (logging
-        each) those waiting for a retry; returns within about timeout_s even if a receiver hangs."""
-        with self._wake:
-            if self._closing_by is None:
-                self._closing_by = time.monotonic() + timeout_s
-            self._wake.notify()
+        """Stop sending and return within about timeout_s even if a receiver hangs. Attempts in
+        flight are abandoned: taken again when their hold ends, by this server's next start or
+        another process."""
+        self._closing = True
+        self.wake()
         self._thread.join(timeout_s)
 
-    def _schedule(self, delivery: _Delivery, due: float) -> None:
-        """Add to the heap and wake the thread; the caller holds self._wake."""
-        heapq.heappush(self._due, (due, next(self._order), delivery))
-        self._wake.notify()
-
     def _run(self) -> None:
-        while (delivery := self._next()) is not None:
-            try:
-                self._attempt(delivery)
-            except Exception:  # noqa: BLE001 - the thread must outlive any one bad delivery
-                logger.exception("webhook failed unexpectedly request_id=%s attempt=%d host=%s",
-                                 delivery.request_id, delivery.attempts, delivery.host)
-
-    def _next(self) -> _Delivery | None:
-        """The next delivery once it is due; None when closing and nothing more is to be sent."""
-        with self._wake:
-            while True:
-                now = time.monotonic()
-                closing = self._closing_by is not None
-                if self._due and self._due[0][0] <= now and not (closing and now >= self._closing_by):
-                    return heapq.heappop(self._due)[2]
-                if closing:
-                    self._abandon_all()
-                    return None
-                self._wake.wait(self._due[0][0] - now if self._due else None)
-
-    def _abandon_all(self) -> None:
-        for _, _, delivery in self._due:
-            logger.warning("webhook abandoned request_id=%s attempt=%d host=%s reason=the sender closed "
-                           "before the next attempt", delivery.request_id, delivery.attempts, delivery.host)
-        self._due.clear()
-
-    def _attempt(self, delivery: _Delivery) -> None:
-        """One try; then done, rescheduled, or given up."""
-        delivery.attempts += 1
         try:
-            failure = self._post(delivery)
+            self._loop.run_until_complete(self._dispatch())
+        finally:
+            self._loop.close()
+
+    async def _dispatch(self) -> None:
+        while not self._closing:
+            self._wakeup.clear()
+            try:
+                due = await asyncio.to_thread(self.store.due_webhooks)
+            except Exception:  # the sender must outlive a store hiccup; the next round retries
+                logger.exception("webhook outbox could not be read retry_in=%.1fs", self.poll_s)
+                due = []
+            for id, url in due:
+                if len(self._in_flight) >= self.max_in_flight:
+                    break
+                self._start(id, _host(url))
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self.poll_s)
+            except TimeoutError:
+                pass
+        interrupted = list(self._in_flight.items())
+        for id, task in interrupted:
+            logger.warning("webhook attempt interrupted request_id=%s reason=the sender closed; it is made again "
+                           "after its hold", id)
+            task.cancel()
+        await asyncio.gather(*(task for _, task in interrupted), return_exceptions=True)
+
+    def _start(self, id: str, host: str) -> None:
+        """An attempt at job `id`'s webhook, unless one is running here already or its host is at its cap."""
+        if id in self._in_flight or self._per_host[host] >= self.max_per_host:
+            return
+        self._per_host[host] += 1
+        task = self._loop.create_task(self._deliver(id))
+        self._in_flight[id] = task
+
+        def release(_: asyncio.Task[None]) -> None:
+            del self._in_flight[id]
+            self._per_host[host] -= 1
+            self._wakeup.set()  # a slot is free: a webhook waiting for it may go
+
+        task.add_done_callback(release)
+
+    async def _deliver(self, id: str) -> None:
+        """Take the webhook for one attempt, make it, record the result (retries wake the loop when due)."""
+        try:
+            job = await asyncio.to_thread(self.store.take_webhook, id, self.hold_s)
+            if job is None:  # another sender took it first, or it was just delivered
+                return
+            delivery = _Delivery.of(job)
+            state, retry_in_s = await self._attempt(delivery)
+            if not await asyncio.to_thread(self.store.record_webhook_attempt, id, delivery.attempt, state, retry_in_s):
+                logger.warning("webhook attempt outlived its hold request_id=%s attempt=%d host=%s; the next "
+                               "attempt decides", id, delivery.attempt, delivery.host)
+            elif state == WEBHOOK_PENDING:
+                self._loop.call_later(retry_in_s, self._wakeup.set)
+        except Exception:  # a store error: the webhook is taken again when its hold ends
+            logger.exception("webhook attempt could not be taken or recorded request_id=%s", id)
+
+    async def _attempt(self, delivery: _Delivery) -> tuple[WebhookState, float]:
+        """One try: what to record (delivered, failed, or pending again) and, when pending, the delay."""
+        try:
+            failure = await self._post(delivery)
         except _Refused as exc:
             logger.warning("webhook refused request_id=%s attempt=%d host=%s reason=%s",
-                           delivery.request_id, delivery.attempts, delivery.host, exc)
-            return
+                           delivery.request_id, delivery.attempt, delivery.host, exc)
+            return WEBHOOK_FAILED, 0.0
+        except Exception as exc:  # a bug here counts as a failed attempt, so it cannot loop forever
+            logger.exception("webhook failed unexpectedly request_id=%s attempt=%d host=%s",
+                             delivery.request_id, delivery.attempt, delivery.host)
+            failure = f"{type(exc).__name__}: {exc}"
         if failure is None:
             logger.info("webhook delivered request_id=%s attempt=%d host=%s",
-                        delivery.request_id, delivery.attempts, delivery.host)
-        elif delivery.attempts >= self.attempts:
+                        delivery.request_id, delivery.attempt, delivery.host)
+            return WEBHOOK_DELIVERED, 0.0
+        if delivery.attempt >= self.attempts:
             logger.warning("webhook gave up request_id=%s attempt=%d host=%s reason=%s",
-                           delivery.request_id, delivery.attempts, delivery.host, failure)
-        else:
-            delay = self._backoff(delivery.attempts)
-            logger.warning("webhook failed request_id=%s attempt=%d of %d host=%s reason=%s retry_in=%.1fs",
-                           delivery.request_id, delivery.attempts, self.attempts, delivery.host, failure, delay)
-            with self._wake:
-                self._schedule(delivery, time.monotonic() + delay)
+                           delivery.request_id, delivery.attempt, delivery.host, failure)
+            return WEBHOOK_FAILED, 0.0
+        delay = self._backoff(delivery.attempt)
+        logger.warning("webhook failed request_id=%s attempt=%d of %d host=%s reason=%s retry_in=%.1fs",
+                       delivery.request_id, delivery.attempt, self.attempts, delivery.host, failure, delay)
+        return WEBHOOK_PENDING, delay
 
     def _backoff(self, failures: int) -> float:
         """Doubling from first_backoff_s, capped at max_backoff_s, times a random factor in [0.5, 1]
@@ -292,13 +360,17 @@ class WebhookSender:
         base = min(self.max_backoff_s, self.first_backoff_s * 2.0 ** min(failures - 1, _MAX_DOUBLINGS))
         return base * random.uniform(0.5, 1.0)
 
-    def _post(self, delivery: _Delivery) -> str | None:
+    async def _post(self, delivery: _Delivery) -> str | None:
         """POST once to a vetted address: None when the receiver took it, else why not (worth a retry).
         Raises _Refused when no retry can help."""
         reason = check_webhook_url(delivery.url, self.settings.allowed_hosts)
         if reason is not None:
             raise _Refused(reason)
-        return asyncio.run(self._post_to_vetted(httpx.URL(delivery.url), delivery))
+        try:
+            async with asyncio.timeout(self.attempt_limit_s):
+                return await self._post_to_vetted(httpx.URL(delivery.url), delivery)
+        except TimeoutError:
+            return f"the attempt took longer than {self.attempt_limit_s:g}s"
 
     async def _post_to_vetted(self, url: httpx.URL, delivery: _Delivery) -> str | None:
         """`_post` after the URL check: vet the host's addresses, then POST to one of them (a fresh

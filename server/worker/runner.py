@@ -4,7 +4,9 @@ Per job: build the `GenerationRequest` from the options and stored input files t
 (`server.api.submission`; the worker never fetches a URL), run the pipeline with progress written to the job's logs and the store's cancel flag checked between
 steps, keep the lease alive from a side thread, then record the response the result URL returns:
 `{"status_code": 200, "body": {"video": File, "seed": n}}`, or the fal-format error body (422 for an
-input that turned out unusable, 500 for a failure), or a cancellation. Nothing here imports torch at
+input that turned out unusable, 507 when the disk filled up, 500 for a failure), or a cancellation.
+A job-store outage never ends the worker: its loop backs off and carries on, and a finished job's
+end is retried until the store takes it (`server.jobs.failures`). Nothing here imports torch at
 import time; the pipeline object is handed in.
 """
 
@@ -14,21 +16,27 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from model.contract.errors import GenerationCancelled, InputError
 from model.contract.request import GenerationRequest
-from server.api.errors import input_error_body
+from server.api.errors import input_error_body, request_error_body
+from server.files.scratch import process_scratch
 from server.files.store import FileStore, UnknownFile
 from server.jobs import Job, JobStore
+from server.jobs.failures import StorageFailure, StoreOutage, storage_failure
 from server.jobs.maintenance import sweep_expired_leases
 
 logger = logging.getLogger("multitalk.worker")
+
+T = TypeVar("T")
+# How a job ended: (outcome, result, error, error_type), the arguments of JobStore.finish.
+JobEnd = tuple[str, dict | None, str | None, str | None]
 
 
 @dataclass
@@ -41,7 +49,10 @@ class WorkerSettings:
 
 
 class LeaseKeeper:
-    """Renews a job's lease every lease/3 seconds; notices when the job stopped being ours."""
+    """Renews a job's lease every lease/3 seconds; notices when the job stopped being ours.
+
+    A renewal the store cannot take (an outage) is retried with backoff, never fatal: the lease is
+    only known lost when the store, reachable, says the job is no longer ours."""
 
     def __init__(self, store: JobStore, job_id: str, worker_id: str, lease_s: float):
         self.store, self.job_id, self.worker_id, self.lease_s = store, job_id, worker_id, lease_s
@@ -58,10 +69,28 @@ class LeaseKeeper:
         self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
-            if not self.store.renew(self.job_id, self.worker_id, self.lease_s):
+        every_s = self.lease_s / 3
+        outage = StoreOutage(logger, f"while renewing the lease job_id={self.job_id}", max_wait_s=every_s)
+        wait_s = every_s
+        while not self._stop.wait(wait_s):
+            try:
+                held = self.store.renew(self.job_id, self.worker_id, self.lease_s)
+            except Exception as exc:
+                wait_s = outage.failed(_storage_failure_or_raise(exc))
+                continue
+            outage.recovered()
+            if not held:
                 self.lost.set()
                 return
+            wait_s = every_s
+
+
+def _storage_failure_or_raise(exc: Exception) -> StorageFailure:
+    """The store or storage failure `exc` is; any other error (a bug) is re-raised as it is."""
+    failure = storage_failure(exc)
+    if failure is None:
+        raise exc
+    return failure
 
 
 def new_worker_id() -> str:
@@ -81,16 +110,35 @@ class Worker:
         self.worker_id = worker_id or new_worker_id()
         self.on_completed = on_completed or (lambda job: None)
         self.current_job_id: str | None = None  # shown in the worker's heartbeat
+        self.scratch = process_scratch()  # job folders inside; a killed worker's are removed by the next start
+
+    @cached_property
+    def store_outage(self) -> StoreOutage:
+        """The worker thread's view of the store while it retries: backoff, one log line per change."""
+        return StoreOutage(logger, f"worker_id={self.worker_id}")
 
     def serve_forever(self, stop: threading.Event) -> None:
+        """Claim and run jobs until `stop`. A store outage (or a full store) never ends the loop: it backs
+        off, capped, and carries on when the store is back."""
         logger.info("worker serving worker_id=%s", self.worker_id)
         while not stop.is_set():
-            sweep_expired_leases(self.store, self.settings.max_attempts, self.on_completed)
-            if not self.run_once():
+            try:
+                sweep_expired_leases(self.store, self.settings.max_attempts, self.on_completed)
+                ran = self.run_once(stop)
+            except Exception as exc:
+                stop.wait(self.store_outage.failed(_storage_failure_or_raise(exc)))
+                continue
+            self.store_outage.recovered()
+            if not ran:
                 stop.wait(self.settings.poll_s)
 
-    def run_once(self) -> bool:
-        """Claim and run one job; False when the queue was empty."""
+    def run_once(self, stop: threading.Event | None = None) -> bool:
+        """Claim and run one job; False when the queue was empty.
+
+        Once the job has run, its end is recorded whatever the store does meanwhile: `finish` is retried
+        through an outage until it is written, the lease is known lost (the job's next attempt decides), or
+        `stop` is set while the store is down (the same, after the lease runs out)."""
+        stop = stop or threading.Event()
         job = self.store.claim(self.worker_id, self.settings.lease_s)
         if job is None:
             return False
@@ -99,21 +147,54 @@ class Worker:
         self.current_job_id = job.id
         try:
             with LeaseKeeper(self.store, job.id, self.worker_id, self.settings.lease_s) as lease:
-                outcome, result, error, error_type = self._run(job, lease)
+                try:
+                    outcome, result, error, error_type = self._run(job, lease)
+                except Exception as exc:  # before its generation began: its folder could not be made
+                    outcome, result, error, error_type = self._failed(job, exc)
+                finished = self._until_stored(
+                    lambda: self.store.finish(job.id, self.worker_id, outcome, result, error, error_type),
+                    give_up=lambda: lease.lost.is_set() or stop.is_set(), stop=stop)
         finally:
             self.current_job_id = None
-        if self.store.finish(job.id, self.worker_id, outcome, result, error, error_type):
+        if finished:
             logger.info("job finished id=%s outcome=%s", job.id, outcome)
-            self.on_completed(self.store.get(job.id))
+            completed = self._until_stored(lambda: self.store.get(job.id), give_up=stop.is_set, stop=stop)
+            if completed is not None:
+                self.on_completed(completed)
         else:
             logger.warning("job lost its lease before finishing id=%s; its next attempt decides", job.id)
         return True
 
-    def _log(self, job: Job, message: str, level: str = "INFO") -> None:
-        self.store.append_log(job.id, message, level)
+    def _until_stored(self, call: Callable[[], T], give_up: Callable[[], bool], stop: threading.Event) -> T | None:
+        """`call()`, retried with backoff while the store is unusable, until it succeeds; None once `give_up()`."""
+        while True:
+            try:
+                result = call()
+            except Exception as exc:
+                wait_s = self.store_outage.failed(_storage_failure_or_raise(exc))
+                if give_up():
+                    return None
+                stop.wait(wait_s)
+                continue
+            self.store_outage.recovered()
+            return result
 
-    def _run(self, job: Job, lease: LeaseKeeper) -> tuple[str, dict | None, str | None, str | None]:
-        workdir = Path(tempfile.mkdtemp(prefix=f"multitalk-job-{job.id[:8]}-"))
+    def _unless_store_down(self, call: Callable[[], T], default: T) -> T:
+        """`call()`, or `default` while the store is unusable: a lost progress line or a cancel check
+        missed for one step must not fail the job it is about."""
+        try:
+            result = call()
+        except Exception as exc:
+            self.store_outage.failed(_storage_failure_or_raise(exc))
+            return default
+        self.store_outage.recovered()
+        return result
+
+    def _log(self, job: Job, message: str, level: str = "INFO") -> None:
+        self._unless_store_down(lambda: self.store.append_log(job.id, message, level), None)
+
+    def _run(self, job: Job, lease: LeaseKeeper) -> JobEnd:
+        workdir = self.scratch.make_dir(f"job-{job.id[:8]}-")
         try:
             request = GenerationRequest.from_inputs(self._stored_inputs(job), workdir / "output.mp4",
                                                     {**job.input["options"], **self.settings.request_overrides})
@@ -122,7 +203,8 @@ class Worker:
                 self._log(job, event.message)
 
             def should_cancel() -> bool:
-                return lease.lost.is_set() or self.store.is_cancel_requested(job.id)
+                return lease.lost.is_set() or self._unless_store_down(lambda: self.store.is_cancel_requested(job.id),
+                                                                      False)
 
             generated = self.pipeline.generate(request, progress, should_cancel)
             stored = self.files.add_file(generated.video, "video/mp4", f"multitalk-{job.id[:8]}.mp4")
@@ -137,14 +219,25 @@ class Worker:
         except GenerationCancelled as exc:
             self._log(job, str(exc), "WARN")
             return "CANCELLED", None, "the request was cancelled", "client_cancelled"
-        except Exception as exc:  # noqa: BLE001 - any failure becomes the job's error, the worker lives on
-            logger.exception("job failed id=%s", job.id)
-            message = f"generation failed: {type(exc).__name__}: {exc}"
-            self._log(job, message, "ERROR")
-            body: dict[str, Any] = {"detail": message, "error_type": "internal_error"}
-            return "ERROR", {"status_code": 500, "body": body}, message, "internal_error"
+        except Exception as exc:  # any failure becomes the job's error, the worker lives on
+            return self._failed(job, exc)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+
+    def _failed(self, job: Job, exc: Exception) -> JobEnd:
+        """The end of a job that failed with `exc`: a full disk (or store) is a 507 saying what to do about it,
+        anything else a 500 with the error."""
+        failure = storage_failure(exc)
+        if failure is not None and failure.kind == "full":
+            logger.warning("job failed id=%s storage full detail=%r", job.id, failure.detail)
+            message = f"storage full while writing the video: {failure.detail}"
+            status_code, error_type = failure.status_code, failure.error_type
+        else:
+            logger.exception("job failed id=%s", job.id, exc_info=exc)
+            message = f"generation failed: {type(exc).__name__}: {exc}"
+            status_code, error_type = 500, "internal_error"
+        self._log(job, message, "ERROR")
+        return "ERROR", {"status_code": status_code, "body": request_error_body(message, error_type)}, message, error_type
 
     def _stored_inputs(self, job: Job) -> dict[str, Path]:
         """The job's input files as the API stored them, by request field."""

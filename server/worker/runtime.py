@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from server.jobs.failures import StoreOutage, storage_failure
 from server.services import Services
 from server.settings import Settings
 from server.worker.runner import Worker, WorkerSettings, new_worker_id
@@ -21,6 +22,7 @@ logger = logging.getLogger("multitalk.worker")
 
 HEARTBEAT_EVERY_S = 5.0
 HEARTBEAT_TTL_S = 20.0  # a worker silent this long is not counted as alive
+HEARTBEAT_RETRY_MAX_S = 1.0  # the longest wait between heartbeats the store did not take
 
 
 def resolve_weights(settings: Settings) -> tuple[Path, bool]:
@@ -72,13 +74,19 @@ def _gpu_memory(device: str) -> dict[str, int] | None:
 
 
 class Heartbeat:
-    """Records the worker's state in the store every HEARTBEAT_EVERY_S from a side thread."""
+    """Records the worker's state in the store every HEARTBEAT_EVERY_S from a side thread.
+
+    A heartbeat the store cannot take (an outage) is retried within HEARTBEAT_RETRY_MAX_S rather than at
+    the next regular beat, so the worker is announced again as soon as the store is back (a Redis that
+    restarted without its data, or a wait longer than the ttl, would otherwise leave it unlisted)."""
 
     def __init__(self, services: Services, worker_id: str, info: dict[str, Any]):
         self.services, self.worker_id, self.info = services, worker_id, info
         self.worker: Worker | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{worker_id}", daemon=True)
+        self._outage = StoreOutage(logger, f"while announcing worker_id={worker_id}", max_wait_s=HEARTBEAT_RETRY_MAX_S)
+        self._next_beat_s = HEARTBEAT_EVERY_S  # sooner after a heartbeat the store did not take
 
     def update(self, **changes: Any) -> None:
         self.info.update(changes)
@@ -92,11 +100,18 @@ class Heartbeat:
             info["gpu_memory"] = _gpu_memory(info["device"])
         try:
             self.services.store.record_worker(self.worker_id, info, HEARTBEAT_TTL_S)
-        except Exception:
-            logger.exception("heartbeat failed worker_id=%s", self.worker_id)
+        except Exception as exc:
+            failure = storage_failure(exc)
+            if failure is None:
+                logger.exception("heartbeat failed worker_id=%s", self.worker_id)
+            else:
+                self._next_beat_s = min(self._outage.failed(failure), HEARTBEAT_EVERY_S)
+            return
+        self._outage.recovered()
+        self._next_beat_s = HEARTBEAT_EVERY_S
 
     def _run(self) -> None:
-        while not self._stop.wait(HEARTBEAT_EVERY_S):
+        while not self._stop.wait(self._next_beat_s):
             self.beat()
 
     def __enter__(self) -> Heartbeat:
@@ -107,7 +122,13 @@ class Heartbeat:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.services.store.forget_worker(self.worker_id)
+        try:
+            self.services.store.forget_worker(self.worker_id)
+        except Exception as error:
+            if storage_failure(error) is None:
+                raise
+            logger.warning("worker not unlisted (the store is unusable); its heartbeat expires in %gs worker_id=%s",
+                           HEARTBEAT_TTL_S, self.worker_id)
 
 
 def worker_settings(settings: Settings) -> WorkerSettings:

@@ -28,6 +28,8 @@ IMAGE_SERVICES = ("api", "worker", "server")  # the services running this projec
 GPU_SERVICES = ("worker", "server")
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
 INSTALL_STEP = re.compile(r"scripts/install\.sh (\w+)")
+PROXY_TEMPLATE = REPO_ROOT / "deploy" / "nginx" / "multitalk.conf.template"
+TEMPLATE_VARIABLE = re.compile(r"\$\{(\w+)\}")  # what the nginx image's envsubst replaces (nginx's own are $name)
 
 
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
@@ -84,9 +86,10 @@ def _mounts(service: dict) -> dict[str, str]:
 
 def test_default_services_and_the_single_gpu_profile(compose):
     services = compose["services"]
-    assert set(services) == {"redis", "api", "worker", "server"}
+    assert set(services) == {"redis", "api", "worker", "server", "proxy"}
     assert {name for name, service in services.items() if not service.get("profiles")} == {"redis", "api", "worker"}
     assert services["server"]["profiles"] == ["single"]
+    assert services["proxy"]["profiles"] == ["proxy"]
 
 
 def test_gpu_services_reserve_one_nvidia_gpu_and_the_others_none(compose):
@@ -157,13 +160,41 @@ def test_api_and_workers_share_the_store_and_the_public_url(compose):
     assert services["api"]["environment"]["MULTITALK_REDIS_URL"].startswith("redis://redis:")
 
 
+def test_proxy_profile_fronts_the_api_with_the_nginx_template(compose):
+    """nginx's image fills the mounted template from the service's environment: every variable the
+    template names must be set, the upstream must be the API's port, and the certificate paths must
+    lie in the read-only certificate mount. That it really proxies is tests/service/test_doc_recipes.py."""
+    proxy = compose["services"]["proxy"]
+    environment = proxy["environment"]
+    mounts = _mounts(proxy)
+    template_mount = mounts["/etc/nginx/templates/multitalk.conf.template"]
+    assert template_mount == f"./{PROXY_TEMPLATE.relative_to(REPO_ROOT)}:ro"
+    assert set(TEMPLATE_VARIABLE.findall(PROXY_TEMPLATE.read_text())) == set(environment)
+    cert_dir = next(target for target, source in mounts.items() if source.endswith(":ro") and "certs" in target)
+    for key in ("PROXY_TLS_CERT", "PROXY_TLS_KEY"):
+        assert Path(environment[key]).parent == Path(cert_dir), key
+    assert environment["PROXY_UPSTREAM"] == f"api:{Settings().port}", "the API listens on the image's default port"
+    assert proxy["depends_on"]["api"]["condition"] == "service_healthy"
+    published = [_resolved(port).rsplit(":", 1)[1] for port in proxy["ports"]]
+    assert published == [environment["PROXY_LISTEN"]]
+    assert "ports" in compose["services"]["api"], "the API stays reachable without the proxy"
+
+
+def test_proxy_template_forwards_the_scheme_and_the_host_with_its_port():
+    """Without these the server hands out http://api:8000/... URLs that the fal client follows and fails on."""
+    directives = {" ".join(line.split()) for line in PROXY_TEMPLATE.read_text().splitlines()}
+    assert {"proxy_set_header X-Forwarded-Proto $scheme;", "proxy_set_header Host $http_host;",
+            "proxy_set_header X-Forwarded-Host $http_host;", "client_max_body_size 0;",
+            "proxy_buffering off;"} <= directives
+
+
 def test_compose_config_validates():
     """`docker compose config`, where Docker Compose is installed (it is not on the CI machine)."""
     command = next((c for c in (["docker", "compose"], ["docker-compose"])
                     if shutil.which(c[0]) and subprocess.run([*c, "version"], capture_output=True).returncode == 0), None)
     if command is None:
         pytest.skip("Docker Compose is not installed")
-    for profile in ([], ["--profile", "single"]):
+    for profile in ([], ["--profile", "single"], ["--profile", "proxy"]):
         done = subprocess.run([*command, "-f", str(REPO_ROOT / "docker-compose.yml"), *profile, "config", "--quiet"],
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stderr

@@ -175,10 +175,9 @@ def test_bad_field_is_a_422_naming_it(client, inputs):
     assert "num_frames" in raised.value.message[0]["msg"]
 
 
-def test_failing_job_is_reported_as_completed_with_an_error(client, inputs):
-    # Sniffs as WAV, so it is accepted; decoding it fails in the worker.
-    broken_wav = b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\xff" * 64
-    handle = client.submit(APP, arguments={**inputs, "second_audio_url": fal_client.encode(broken_wav, "audio/wav")})
+def test_failing_job_is_reported_as_completed_with_an_error(client, inputs, silent_wav):
+    silent = fal_client.encode(silent_wav.read_bytes(), "audio/wav")  # accepted at submit; the worker refuses it
+    handle = client.submit(APP, arguments={**inputs, "second_audio_url": silent})
     done = _wait_status(client, handle.request_id, "Completed")
     assert done.error and done.error_type
     with pytest.raises(FalClientHTTPError) as raised:

@@ -7,10 +7,15 @@ and, for attempts and worker ids, through the job store itself.
 from __future__ import annotations
 
 import asyncio
+import errno
 import http.server
 import json
+import os
+import subprocess
 import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,7 +23,7 @@ import pytest
 
 from server.jobs import WORKER_LOST, open_job_store
 
-from server_harness import Cluster
+from server_harness import Cluster, RestartableRedis
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -173,7 +178,7 @@ class _MediaHost:
         host = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - the stdlib's name
+            def do_GET(self):  # the stdlib's name
                 name = self.path.lstrip("/")
                 if name not in host.files:
                     self.send_error(404)
@@ -224,3 +229,107 @@ def test_a_queued_job_completes_from_its_stored_inputs_after_the_input_urls_stop
     finally:
         cluster.stop_all()
         media.stop()
+
+
+def _healthz(cluster: Cluster) -> httpx.Response:
+    return httpx.get(f"{cluster.url}/healthz", timeout=10)
+
+
+def test_workers_and_the_api_ride_out_a_redis_restart(tmp_path, tiny_weights, speech_request):
+    """Redis (appendonly) down for ~8 s while jobs run: the `multitalk worker` process and the API's embedded
+    worker back off and carry on, /healthz says 503 meanwhile and 200 after, and every job completes."""
+    store = RestartableRedis(tmp_path / "redis")
+    store.start()
+    cluster = _cluster(tmp_path, tiny_weights, store.url)
+    try:
+        cluster.start_api(workers=1)
+        worker = cluster.start_worker()
+        cluster.wait_ready(workers=2, process=worker)
+        ids = [_submit(cluster, speech_request, seed=seed) for seed in range(4)]
+        cluster.wait_until(lambda: _status(cluster, ids[0])["status"] != "IN_QUEUE", worker, "a job to start")
+        store.stop()
+        cluster.wait_until(lambda: _healthz(cluster).status_code == 503, worker, "/healthz to say 503")
+        assert _healthz(cluster).json()["error_type"] == "store_unavailable"
+        time.sleep(8)
+        store.start()
+        cluster.wait_until(lambda: _healthz(cluster).status_code == 200, worker, "/healthz to say 200 again")
+        statuses = _wait_completed(cluster, ids)
+        assert all("error" not in s for s in statuses.values()), statuses
+        assert worker.alive(), worker.output()[-3000:]
+        cluster.wait_ready(workers=2, process=worker)  # both announced again
+        assert "store unusable" in worker.output() and "store usable again" in worker.output()
+    finally:
+        cluster.stop_all()
+        store.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 32 MiB tmpfs mounted for the test (root only): a real file system that fills up. Skipped where mounting
+    is not permitted; a failure under MULTITALK_REQUIRE_MOUNT=1."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True) if os.geteuid() == 0 else None
+    if mounted is None or mounted.returncode != 0:
+        reason = ("mounting a small tmpfs needs root (or CAP_SYS_ADMIN) to test a full disk: "
+                  f"{mounted.stderr.strip() if mounted else 'not root'}")
+        if os.environ.get("MULTITALK_REQUIRE_MOUNT") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount_point)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """A file that takes every free byte of `folder`'s file system."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for chunk in (b"\0" * 1024 * 1024, b"\0" * 4096, b"\0"):
+            try:
+                while True:
+                    os.write(fd, chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_disk_fails_the_job_clearly_refuses_submits_and_recovers(tmp_path, small_disk, tiny_weights,
+                                                                        redis_url, speech_request):
+    """The data dir on a real small file system that fills up (the job store in Redis, so its writes go on):
+    the job whose video does not fit ends with a clear 507, a submit is refused with 507, /healthz says so, and
+    once space is freed a new job completes on the same worker."""
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    # The processes' logs stay outside, in the cluster's folder; only the data dir is on the small disk.
+    cluster = Cluster(tmp_path / "cluster", tiny_weights["multitalk"], redis_url,
+                      env={"MULTITALK_DATA_DIR": str(small_disk / "data")})
+    try:
+        cluster.start_api(workers=0)
+        request_id = _submit(cluster, speech_request)
+        filler = _fill(small_disk)
+        health = _healthz(cluster)
+        assert (health.status_code, health.json()["error_type"]) == (503, "insufficient_storage")
+        refused = httpx.post(cluster.url + QUEUE_SUBMIT, json=speech_request, timeout=60)
+        assert (refused.status_code, refused.json()["error_type"]) == (507, "insufficient_storage"), refused.text
+
+        worker = cluster.start_worker()
+        status = _wait_completed(cluster, [request_id])[request_id]
+        assert status["error_type"] == "insufficient_storage"
+        assert "no space left on device" in status["error"] and "free space in the data dir" in status["error"]
+        result = httpx.get(f"{cluster.url}/queue/fal-ai/ai-avatar/requests/{request_id}", timeout=10)
+        assert result.status_code == 507 and result.json()["error_type"] == "insufficient_storage"
+
+        filler.unlink()
+        assert _healthz(cluster).status_code == 200
+        after = _submit(cluster, speech_request, seed=1)
+        assert "error" not in _wait_completed(cluster, [after])[after]
+        assert worker.alive()
+    finally:
+        cluster.stop_all()

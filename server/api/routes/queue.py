@@ -137,17 +137,22 @@ _job_routes(f"/{APP_ID}", in_schema=False)
 
 
 async def _status_events(job_id: str, store, base_url: str, with_logs: bool, request: Request) -> AsyncIterator[str]:
-    """One `data:` event per change of the status, a comment every KEEPALIVE_S, closed after COMPLETED."""
-    last, last_sent_at = None, time.monotonic()
+    """One `data:` event per change of the status or new log lines, a comment every KEEPALIVE_S, closed after
+    COMPLETED. Each event's `logs` holds only the lines new since the previous event, as fal's stream does: the JS
+    client appends every event's logs to what it has shown (polled status, by contrast, lists them all)."""
+    last_state, logs_sent, last_sent_at = None, 0, time.monotonic()
     while not await request.is_disconnected():
         job = await run_in_threadpool(store.get, job_id)
         if job is None:  # expired while streaming
             return
         body = await run_in_threadpool(status_body, job, store, base_url, with_logs)
-        text = json.dumps(body)
-        if text != last:
-            yield f"data: {text}\n\n"
-            last, last_sent_at = text, time.monotonic()
+        all_logs = body["logs"] or []  # None without logs=1
+        if with_logs:
+            body["logs"] = all_logs[logs_sent:]
+        state = json.dumps({**body, "logs": None})
+        if state != last_state or body["logs"]:
+            yield f"data: {json.dumps(body)}\n\n"
+            last_state, logs_sent, last_sent_at = state, len(all_logs), time.monotonic()
         elif time.monotonic() - last_sent_at >= KEEPALIVE_S:
             yield ": keep-alive\n\n"
             last_sent_at = time.monotonic()

@@ -16,15 +16,19 @@ import soundfile
 from scipy.io import wavfile
 
 from model.contract.errors import InputError
-from model.media.audio_input import (
+from model.media import audio_decode
+from model.media.audio_decode import (
     DECODE_VALUES_PER_SECOND,
+    check_audio_decodes,
+    check_audio_header,
+    check_audio_size,
+    decode_audio,
+)
+from model.media.audio_input import (
     SAMPLE_RATE,
     SAMPLES_PER_FRAME,
     TARGET_LUFS,
-    check_audio_header,
-    check_audio_size,
     combine_speakers,
-    decode_audio,
     fit_length,
     load_speech,
     loudness_normalize,
@@ -85,6 +89,7 @@ def test_every_container_decodes_to_the_source(name, stereo_source, tmp_path):
     encoded = tmp_path / f"encoded.{extension}"
     ffmpeg("-i", str(source_path), *arguments, str(encoded))
 
+    check_audio_decodes(encoded, "first_audio_url")  # what the API checks at submit
     samples, rate = decode_audio(encoded, "first_audio_url")
     assert samples.dtype == np.float32 and samples.shape[0] == 2
     got, want = resample(to_mono(samples), rate), resample(to_mono(source), SOURCE_RATE)
@@ -210,27 +215,44 @@ def make_bad_input(kind: str, folder: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    "kind, reason",
-    [
-        ("missing", "no such file"),
-        ("empty", "the file is empty"),
-        ("corrupt", "could not be decoded as audio: .*Invalid data"),
-        ("png", "no audio stream found"),
-        ("video-without-audio", "no audio stream found"),
-        ("too-short", r"audio is 0\.050 s long; at least 0\.1 s is needed"),
-        ("too-long", r"audio is 3\.0 s long; at most 1 s is accepted"),
-        ("silent", "the audio is silent"),
-        ("nan", r"the audio contains invalid \(NaN or infinite\) samples"),
-        ("inf", r"the audio contains invalid \(NaN or infinite\) samples"),
-    ],
-)
+# Refused by the decode itself: `check_audio_decodes` (the API, at submit) refuses these too.
+DECODE_REFUSALS = [
+    ("missing", "no such file"),
+    ("empty", "the file is empty"),
+    ("corrupt", "could not be decoded as audio: .*Invalid data"),
+    ("png", "no audio stream found"),
+    ("video-without-audio", "no audio stream found"),
+    ("too-short", r"audio is 0\.050 s long; at least 0\.1 s is needed"),
+    ("too-long", r"audio is 3\.0 s long; at most 1 s is accepted"),
+]
+# Refused only once the samples are read (the worker): the API accepts these.
+SAMPLE_REFUSALS = [
+    ("silent", "the audio is silent"),
+    ("nan", r"the audio contains invalid \(NaN or infinite\) samples"),
+    ("inf", r"the audio contains invalid \(NaN or infinite\) samples"),
+]
+
+
+@pytest.mark.parametrize("kind, reason", DECODE_REFUSALS + SAMPLE_REFUSALS)
 def test_bad_input_names_the_field(kind, reason, tmp_path):
     path = make_bad_input(kind, tmp_path)
     with pytest.raises(InputError, match=f"^second_audio_url: {reason}") as caught:
         load_speech(path, "second_audio_url", max_seconds=1.0)
     assert caught.value.field == "second_audio_url"
     assert str(tmp_path) not in caught.value.reason
+
+
+@pytest.mark.parametrize("kind, reason", DECODE_REFUSALS)
+def test_the_check_without_samples_refuses_what_the_decode_refuses(kind, reason, tmp_path):
+    path = make_bad_input(kind, tmp_path)
+    with pytest.raises(InputError, match=f"^second_audio_url: {reason}") as caught:
+        check_audio_decodes(path, "second_audio_url", max_seconds=1.0)
+    assert str(tmp_path) not in caught.value.reason
+
+
+@pytest.mark.parametrize("kind", [kind for kind, _ in SAMPLE_REFUSALS])
+def test_the_check_without_samples_passes_what_only_the_samples_show(kind, tmp_path):
+    check_audio_decodes(make_bad_input(kind, tmp_path), "second_audio_url", max_seconds=1.0)
 
 
 # Issue 15 scaled down to a 1 s limit: silence at a rate × channels far above 48 kHz stereo, which decoding
@@ -249,6 +271,8 @@ def test_audio_too_large_to_decode_is_refused_from_its_header(tmp_path):
     with pytest.raises(InputError, match=message) as caught:  # not "the audio is silent": never decoded
         load_speech(path, "first_audio_url", max_seconds=1.0)
     assert caught.value.field == "first_audio_url"
+    with pytest.raises(InputError, match=message):
+        check_audio_decodes(path, "first_audio_url", max_seconds=1.0)
 
 
 def test_audio_whose_header_has_no_length_is_capped_while_decoding(tmp_path):
@@ -259,8 +283,16 @@ def test_audio_whose_header_has_no_length_is_capped_while_decoding(tmp_path):
         subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-i", str(source),
                         "-f", "flac", "-"], stdout=out, check=True)
     check_audio_header(path, "second_audio_url", max_seconds=1.0)
-    with pytest.raises(InputError, match="^second_audio_url: " + TOO_LARGE.format(seconds=r"0\.\d")):
-        decode_audio(path, "second_audio_url", max_seconds=1.0)
+    for decode in (decode_audio, check_audio_decodes):
+        with pytest.raises(InputError, match="^second_audio_url: " + TOO_LARGE.format(seconds=r"0\.\d")):
+            decode(path, "second_audio_url", max_seconds=1.0)
+
+
+def test_a_decode_that_runs_past_its_time_is_refused(stereo_source, monkeypatch):
+    monkeypatch.setattr(audio_decode, "DECODE_TIMEOUT_S", 0.001)  # ffmpeg takes longer than that just to start
+    for decode in (decode_audio, check_audio_decodes):
+        with pytest.raises(InputError, match=r"^first_audio_url: decoding took longer than 0\.001 s$"):
+            decode(stereo_source[0], "first_audio_url")
 
 
 def test_the_decode_bound_is_48_khz_stereo_for_the_longest_input():

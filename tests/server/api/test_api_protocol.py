@@ -8,6 +8,8 @@ Three servers, each started once:
 * `worker_api`: one embedded worker on `MULTITALK_WEIGHTS=tiny` (made in its data dir on start),
   for what needs a job to run: the status stream, and readiness.
 
+The last tests run the app in process (`local_api`): the status stream's log lines, and error bodies.
+
 Jobs a test queues are cancelled when it ends, so every test starts with an empty queue.
 """
 
@@ -15,14 +17,20 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from server.app import create_app
 from server.jobs import open_job_store
+from server.services import APP_ID
+from server.settings import Settings
 
 from server_harness import Cluster
 
@@ -391,7 +399,9 @@ def test_status_stream_sends_data_events_until_completed_then_closes(worker_api,
     assert len(events) >= 2 and statuses[-1] == "COMPLETED"
     assert statuses == sorted(statuses, key=STATUS_ORDER.index)
     assert all(isinstance(event["logs"], list) for event in events)
-    assert events[-1]["logs"] and events[-1]["metrics"]["inference_time"] > 0
+    lines = [(log["timestamp"], log["message"]) for event in events for log in event["logs"]]
+    assert lines and len(lines) == len(set(lines))  # each line once: an event lists only the new ones
+    assert events[-1]["metrics"]["inference_time"] > 0
 
 
 def test_a_sync_caller_that_disconnects_cancels_its_job(worker_cluster, speech_request):
@@ -403,3 +413,75 @@ def test_a_sync_caller_that_disconnects_cancels_its_job(worker_cluster, speech_r
     worker_cluster.wait_until(lambda: store.stats().completed["CANCELLED"] == cancelled_before + 1,
                               what="the abandoned sync job to be cancelled", timeout_s=120)
     store.close()
+
+
+# -- in process: the status stream's logs, and error bodies -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_api(tmp_path_factory) -> Iterator[TestClient]:
+    """The app in process, without workers (jobs are moved along through its store), with a 64 KiB body limit."""
+    settings = Settings(data_dir=tmp_path_factory.mktemp("local-api"), workers=0, max_body_bytes=64 * 1024)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def _sse_events(client: TestClient, path: str) -> list[dict]:
+    with client.stream("GET", path) as response:
+        assert response.status_code == 200
+        return [json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_status_stream_events_carry_only_the_log_lines_new_since_the_previous_event(local_api):
+    """Each event used to list every line so far, and the JS client, which appends each event's lines, showed
+    them again and again; polled status still lists them all."""
+    store = local_api.app.state.services.store
+    job = store.submit(APP_ID, {"options": {}, "files": {}})
+    store.claim("worker-1", lease_s=60)
+    store.append_log(job.id, "line 1")
+
+    def work() -> None:
+        time.sleep(1.0)
+        store.append_log(job.id, "line 2")
+        store.append_log(job.id, "line 3")
+        time.sleep(1.0)
+        store.finish(job.id, "worker-1", "OK", {"status_code": 200, "body": {}})
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    events = _sse_events(local_api, f"{REQUESTS}/{job.id}/status/stream?logs=1")
+    worker.join()
+    assert len(events) >= 2 and events[-1]["status"] == "COMPLETED"
+    assert [log["message"] for event in events for log in event["logs"]] == ["line 1", "line 2", "line 3"]
+    polled = local_api.get(f"{REQUESTS}/{job.id}/status", params={"logs": "1"}).json()
+    assert [log["message"] for log in polled["logs"]] == ["line 1", "line 2", "line 3"]
+    assert all(event["logs"] is None for event in _sse_events(local_api, f"{REQUESTS}/{job.id}/status/stream"))
+
+
+@pytest.mark.parametrize("method, path, status, error_type", [
+    ("POST", f"{RUN}/stream", 404, "not_found"), ("GET", "/no/such/route", 404, "not_found"),
+    ("DELETE", RUN, 405, "method_not_allowed"), ("GET", f"{REQUESTS}/x/cancel", 405, "method_not_allowed"),
+])
+def test_unknown_routes_and_wrong_methods_answer_in_fals_flat_format(local_api, method, path, status, error_type):
+    """They were FastAPI's bare {"detail": "Not Found"}: no error_type, and nothing the JS client shows."""
+    response = local_api.request(method, path, json={})
+    body = response.json()
+    assert (response.status_code, body["error_type"], response.headers["x-fal-error-type"]) == (status, error_type,
+                                                                                                error_type)
+    assert body["message"] == body["detail"] and body["detail"].startswith(f"{method} {path}: ")
+    if path.endswith("/stream"):  # where fal.stream posts
+        assert "does not stream" in body["detail"] and "fal.subscribe" in body["detail"]
+
+
+def test_error_bodies_carry_the_message_the_js_client_shows(local_api):
+    """@fal-ai/client makes its error's message from `message` alone; `detail` keeps the shape the Python client reads."""
+    invalid = local_api.post(RUN, json={"image_url": "https://example.com/a.png", "prompt": "p", "num_frames": 5})
+    assert invalid.status_code == 422
+    assert [entry["loc"] for entry in invalid.json()["detail"]] == [["body", "first_audio_url"], ["body", "num_frames"]]
+    assert invalid.json()["message"] == ("first_audio_url: Field required; "
+                                         "num_frames: Input should be greater than or equal to 41")
+    unknown = local_api.get(f"{REQUESTS}/00000000-0000-4000-8000-000000000000/status")
+    assert unknown.status_code == 404 and unknown.json()["message"] == unknown.json()["detail"]
+    too_large = local_api.post(RUN, content=b"x" * (65 * 1024), headers={"content-type": "application/json"})
+    assert too_large.status_code == 413
+    assert too_large.json()["error_type"] == "payload_too_large" and too_large.json()["message"] == too_large.json()["detail"]

@@ -182,7 +182,7 @@ def test_input_error_body():
     assert input_error_body(exc) == {"detail": [{
         "loc": ["body", "first_audio_url"], "msg": "first_audio_url: could not decode the audio",
         "type": "file_download_error",
-    }]}
+    }], "message": "first_audio_url: could not decode the audio"}
     response = input_error_response(InputError("seed", "must be an integer"))
     assert response.status_code == 422
     assert json.loads(response.body)["detail"][0]["type"] == "value_error"
@@ -234,7 +234,7 @@ def test_route_answers_422_for_bad_json_and_input_errors(client):
     assert response.status_code == 422
     assert response.json() == {"detail": [{
         "loc": ["body", "first_audio_url"], "msg": "first_audio_url: the audio is silent", "type": "value_error",
-    }]}
+    }], "message": "first_audio_url: the audio is silent"}
 
 
 def test_status_always_has_queue_position_and_logs(client):

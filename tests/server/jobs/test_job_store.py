@@ -1,7 +1,8 @@
-"""The job store's queue semantics, each test run against both backends: the SQLite file, and a real
-redis-server started for the session (skipped without the binary, a failure under
-MULTITALK_REQUIRE_REDIS=1). Concurrency is checked with threads sharing one store and with separate
-processes each opening their own, as the API process and the workers do."""
+"""The job store's queue semantics and webhook outbox, each test run against both backends (the `spec`
+and `store` fixtures of conftest.py: the SQLite file, and a real redis-server). Concurrency is checked
+with threads sharing one store and with separate processes each opening their own, as the API process
+and the workers do. Last, the SQLite file's own concerns: connections of ended threads, migrating an
+older file, refusing a damaged one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import gc
 import math
 import multiprocessing
 import os
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,29 +19,19 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import redis
 
-from server.jobs import DURATION_BUCKETS_S, WORKER_LOST, QueueFull, RedisJobStore, SqliteJobStore, open_job_store
+from server.jobs import (
+    DURATION_BUCKETS_S,
+    WORKER_LOST,
+    DamagedJobStore,
+    QueueFull,
+    RedisJobStore,
+    SqliteJobStore,
+    open_job_store,
+)
 
 APP = "fal-ai/ai-avatar/multi"
 LEASE_S = 0.3  # the lease tests sleep past it
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def spec(request, tmp_path) -> tuple[str | None, Path]:
-    """open_job_store's arguments for one backend, fresh per test; picklable, for child processes."""
-    if request.param == "sqlite":
-        return None, tmp_path
-    url = request.getfixturevalue("redis_url")
-    redis.Redis.from_url(url).flushdb()
-    return url, tmp_path
-
-
-@pytest.fixture
-def store(spec):
-    opened = open_job_store(*spec)
-    yield opened
-    opened.close()
 
 
 class _Clock:
@@ -381,6 +373,94 @@ def test_stats_histograms_bucket_and_sum_durations(store, clock):
     assert stats.wait_seconds.sum_s == pytest.approx(80) and stats.run_seconds.sum_s == pytest.approx(4070)
 
 
+HOOK = "https://example.com/hook"
+
+
+def _submit_with_webhooks(store, n: int) -> list[str]:
+    return [store.submit(APP, {"n": i}, webhook_url=f"{HOOK}/{i}").id for i in range(n)]
+
+
+def _complete(store, id: str) -> None:
+    assert store.claim("w1", 60).id == id
+    store.finish(id, "w1", "OK", result={"status_code": 200, "body": {"seed": 1}})
+
+
+def test_every_way_a_job_completes_puts_its_webhook_in_the_outbox(store, clock):
+    finished, cancelled, lost = _submit_with_webhooks(store, 3)
+    silent = store.submit(APP, {}).id
+    assert store.claim("w1", 60).id == finished
+    assert store.get(finished).webhook_state is None and store.due_webhooks() == [], "nothing to send yet"
+    store.finish(finished, "w1", "OK", result={})  # a worker's finish
+    clock.advance(1)
+    assert store.request_cancel(cancelled) == "OK"  # a cancel while queued
+    assert store.claim("w1", 1).id == lost
+    clock.advance(2)
+    [failed] = store.requeue_expired(max_attempts=1)  # the lease sweep giving up
+    assert failed.webhook_state == "pending", "in the write that completed it"
+    _complete(store, silent)  # no webhook_url: nothing to send
+    for id in (finished, cancelled, lost):
+        job = store.get(id)
+        assert (job.status, job.webhook_state, job.webhook_attempts) == ("COMPLETED", "pending", 0)
+        assert job.webhook_due_at == job.finished_at, "due the moment it completed"
+    assert (store.get(silent).webhook_state, store.get(silent).webhook_due_at) == (None, None)
+    assert store.due_webhooks() == [(finished, f"{HOOK}/0"), (cancelled, f"{HOOK}/1"), (lost, f"{HOOK}/2")]
+
+
+def test_a_taken_webhook_is_held_then_retried_then_ended(store, clock):
+    [id] = _submit_with_webhooks(store, 1)
+    _complete(store, id)
+    taken = store.take_webhook(id, hold_s=30)
+    assert (taken.webhook_attempts, taken.webhook_due_at) == (1, clock.now_s + 30)
+    assert store.take_webhook(id, hold_s=30) is None and store.due_webhooks() == [], "held: no second sender"
+    clock.advance(31)  # its sender died mid-attempt: due again once the hold ends
+    assert store.due_webhooks() == [(id, f"{HOOK}/0")]
+    assert store.take_webhook(id, hold_s=30).webhook_attempts == 2
+    assert not store.record_webhook_attempt(id, 1, "delivered"), "the attempt that outlived its hold decides nothing"
+    assert store.record_webhook_attempt(id, 2, "pending", retry_in_s=10)
+    assert (store.get(id).webhook_state, store.get(id).webhook_due_at) == ("pending", clock.now_s + 10)
+    assert store.due_webhooks() == [] and store.take_webhook(id, hold_s=30) is None
+    clock.advance(10)
+    assert store.take_webhook(id, hold_s=30).webhook_attempts == 3
+    assert store.record_webhook_attempt(id, 3, "failed")
+    job = store.get(id)
+    assert (job.webhook_state, job.webhook_attempts, job.webhook_due_at) == ("failed", 3, None)
+    assert store.due_webhooks() == [] and store.take_webhook(id, hold_s=30) is None
+    assert not store.record_webhook_attempt(id, 3, "delivered"), "an ended webhook stays ended"
+    with pytest.raises(ValueError):
+        store.take_webhook(id, hold_s=0)
+    with pytest.raises(ValueError):
+        store.record_webhook_attempt(id, 3, "lost")
+    with pytest.raises(ValueError):
+        store.record_webhook_attempt(id, 3, "pending", retry_in_s=-1)
+
+
+def _take_all_due(store) -> list[str]:
+    return [id for id, _ in store.due_webhooks() if store.take_webhook(id, hold_s=60) is not None]
+
+
+def test_concurrent_senders_take_each_attempt_once(store, spec):
+    ids = _submit_with_webhooks(store, 20)
+    for id in ids:
+        _complete(store, id)
+    taken = [id for batch in _run_concurrently("threads", spec, store, _take_all_due, 8) for id in batch]
+    assert sorted(taken) == sorted(ids)
+    assert {store.get(id).webhook_attempts for id in ids} == {1}
+
+
+def test_a_pending_webhook_keeps_its_job_from_expiring(store, clock):
+    pending, delivered = _submit_with_webhooks(store, 2)
+    for id in (pending, delivered):
+        _complete(store, id)
+    store.take_webhook(delivered, hold_s=30)
+    store.record_webhook_attempt(delivered, 1, "delivered")
+    clock.advance(1)
+    assert store.expire_finished(older_than_s=0) == [delivered]
+    assert store.get(pending).webhook_state == "pending"
+    store.take_webhook(pending, hold_s=30)
+    store.record_webhook_attempt(pending, 1, "failed")
+    assert store.expire_finished(older_than_s=0) == [pending], "kept only while its webhook is pending"
+
+
 def _open_files_on(path: Path) -> int:
     """This process's open file descriptors on `path` (SQLite's own file, not its -wal/-shm companions)."""
     fds = Path("/proc/self/fd")
@@ -409,3 +489,78 @@ def test_threads_that_end_leave_no_sqlite_connection_open(tmp_path):
     assert _open_files_on(path) <= BURST + 1 < threads_run
     store.close()
     assert _open_files_on(path) == 0
+
+
+def test_a_file_made_before_webhooks_gains_their_columns(tmp_path):
+    """The jobs table as the first release made it (no owner, no webhook columns)."""
+    path = tmp_path / "jobs.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, app TEXT NOT NULL, "
+                "input TEXT NOT NULL, created_at REAL NOT NULL, status TEXT NOT NULL, outcome TEXT, result TEXT, "
+                "error TEXT, error_type TEXT, webhook_url TEXT, started_at REAL, finished_at REAL, "
+                "attempts INTEGER NOT NULL, cancel_requested INTEGER NOT NULL, worker_id TEXT, lease_expires_at REAL)")
+    old.execute("INSERT INTO jobs (id, app, input, created_at, status, outcome, finished_at, attempts, "
+                "cancel_requested) VALUES ('old', 'a', '{}', 1, 'COMPLETED', 'OK', 2, 1, 0)")
+    old.commit()
+    old.close()
+    store = SqliteJobStore(path)
+    job = store.get("old")
+    assert (job.owner, job.webhook_state, job.webhook_attempts, job.webhook_due_at) == (None, None, 0, None)
+    [id] = _submit_with_webhooks(store, 1)
+    _complete(store, id)
+    assert store.due_webhooks() == [(id, f"{HOOK}/0")]
+    store.close()
+
+
+def _damage_header(path: Path, page_size: int, root_page: int) -> None:
+    with path.open("r+b") as file:
+        file.write(b"not a database header!")
+
+
+def _truncate(path: Path, page_size: int, root_page: int) -> None:
+    with path.open("r+b") as file:
+        file.truncate(page_size * root_page + 100)
+
+
+def _damage_table_page(path: Path, page_size: int, root_page: int) -> None:
+    """Overwrite the jobs table's root page (an interior page of its b-tree once the table spans pages):
+    SQLite fails the check itself ("malformed")."""
+    with path.open("r+b") as file:
+        file.seek((root_page - 1) * page_size)
+        file.write(b"\xa5" * page_size)
+
+
+def _damage_leaf_cell_pointer(path: Path, page_size: int, root_page: int) -> None:
+    """Point the first cell of a table's leaf page past the page's end: the check lists the problem."""
+    with path.open("r+b") as file:
+        data = file.read()
+        leaf = next(page for page in range(root_page, len(data) // page_size) if data[page * page_size] == 0x0D)
+        file.seek(leaf * page_size + 8)  # the cell pointer array, after a leaf page's 8-byte header
+        file.write(b"\xff\xf0")
+
+
+@pytest.mark.parametrize("damage", [_damage_header, _truncate, _damage_table_page, _damage_leaf_cell_pointer])
+def test_a_damaged_file_is_refused_at_open_naming_it_and_what_to_do(tmp_path, damage):
+    """A damaged page used to open fine: /healthz said 200 while every status read failed."""
+    path = tmp_path / "jobs.sqlite3"
+    store = SqliteJobStore(path)
+    for i in range(100):
+        store.submit(APP, {"n": i, "text": "x" * 400})
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the file itself, none in the WAL
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        root_page = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'jobs'").fetchone()[0]
+    db.close()
+    assert (root_page - 1) * page_size > 100, "the damage is past the header"
+    damage(path, page_size, root_page)
+    with pytest.raises(DamagedJobStore) as refused:
+        SqliteJobStore(path)
+    message = str(refused.value)
+    assert str(path) in message and "move it aside" in message and "starts with an empty job store" in message
+    (tmp_path / "aside").mkdir()
+    for moved in tmp_path.glob("jobs.sqlite3*"):
+        moved.rename(tmp_path / "aside" / moved.name)
+    fresh = SqliteJobStore(path)
+    assert fresh.counts()["queued"] == 0, "moved aside, the server starts with an empty store"
+    fresh.close()

@@ -1,6 +1,7 @@
-"""Webhooks: fal's payload shapes, the HMAC signature, and delivery to a real HTTP receiver on 127.0.0.1
-(retries with identical bodies, giving up, timeouts, redirects not followed, private addresses refused,
-prompt shutdown)."""
+"""Webhooks: fal's payload shapes, the HMAC signature, and delivery from the job store's outbox to real
+HTTP receivers on 127.0.0.1 (retries with identical bodies, giving up, timeouts, redirects not followed,
+private addresses refused, a hanging receiver delaying no other, retries surviving a restart, two
+senders on one store making each attempt once, prompt shutdown)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from server.files.fetch import FetchSettings
+from server.jobs import JobStore, open_job_store
 from server.jobs.store import COMPLETED, Job
 from server.jobs.webhooks import (
     REQUEST_ID_HEADER,
@@ -151,12 +154,14 @@ def test_usable_webhook_urls():
 
 @dataclass
 class Receiver:
-    """What the test receiver saw, and what it answers next (200 once the script runs out)."""
+    """What the test receiver saw, and what it answers next (200 once the script runs out). A
+    receiver with delay_s answers that late, or when the test ends."""
 
     url: str
     statuses: list[int] = field(default_factory=list)
     delay_s: float = 0.0
     requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    released: threading.Event = field(default_factory=threading.Event)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -169,7 +174,7 @@ class _Handler(BaseHTTPRequestHandler):
         receiver: Receiver = self.server.receiver
         body = self.rfile.read(int(self.headers["Content-Length"]))
         receiver.requests.append((dict(self.headers.items()), body))
-        time.sleep(receiver.delay_s)
+        receiver.released.wait(receiver.delay_s)
         status = receiver.statuses.pop(0) if receiver.statuses else 200
         self.send_response(status)
         if status == 302:
@@ -179,24 +184,45 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Handler)
-    server.daemon_threads = True
-    server.receiver = Receiver(f"http://127.0.0.1:{server.server_address[1]}/hook")
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield server.receiver
-    server.shutdown()
-    server.server_close()
+def make_receiver() -> Iterator[Callable[[], Receiver]]:
+    servers = []
+
+    def make() -> Receiver:
+        server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Handler)
+        server.daemon_threads = True
+        server.receiver = Receiver(f"http://127.0.0.1:{server.server_address[1]}/hook")
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        servers.append(server)
+        return server.receiver
+
+    yield make
+    for server in servers:
+        server.receiver.released.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def receiver(make_receiver) -> Receiver:
+    return make_receiver()
+
+
+@pytest.fixture
+def jobs(tmp_path) -> Iterator[JobStore]:
+    """A SQLite job store, for the tests that do not depend on the backend."""
+    store = open_job_store(None, tmp_path)
+    yield store
+    store.close()
 
 
 @pytest.fixture
 def make_sender() -> Iterator[Callable[..., WebhookSender]]:
     senders = []
 
-    def make(secret: str | None = SECRET, **options) -> WebhookSender:
-        options = {"first_backoff_s": 0.01, "max_backoff_s": 0.05, "timeout_s": 5, "fetch_settings": LOCAL, **options}
-        senders.append(WebhookSender(secret, **options))
+    def make(store: JobStore, secret: str | None = SECRET, **options) -> WebhookSender:
+        options = {"first_backoff_s": 0.01, "max_backoff_s": 0.05, "timeout_s": 5, "fetch_settings": LOCAL,
+                   "poll_s": 0.05, **options}
+        senders.append(WebhookSender(store, secret, **options))
         return senders[-1]
 
     yield make
@@ -204,94 +230,149 @@ def make_sender() -> Iterator[Callable[..., WebhookSender]]:
         sender.close(1)
 
 
-def test_signed_delivery(receiver, make_sender, caplog):
+def complete(store: JobStore, webhook_url: str | None, outcome: str = "OK",
+             result: dict | None = None) -> str:
+    """A job run by a worker to `outcome`; its id."""
+    job = store.submit("fal-ai/ai-avatar/multi", {}, webhook_url=webhook_url)
+    assert store.claim("w1", 60).id == job.id
+    store.finish(job.id, "w1", outcome, {"status_code": 200, "body": OUTPUT} if result is None else result)
+    return job.id
+
+
+def webhook_state(store: JobStore, id: str) -> str | None:
+    return store.get(id).webhook_state
+
+
+def test_signed_delivery(jobs, receiver, make_sender, caplog):
     caplog.set_level(logging.INFO, logger="multitalk.webhooks")
-    job = ok_job(receiver.url)
-    make_sender().send(job)
-    wait_for(lambda: receiver.requests)
-    headers, body = receiver.requests[0]
-    assert json.loads(body) == webhook_payload(job)
+    id = complete(jobs, receiver.url)
+    make_sender(jobs)
+    wait_for(lambda: webhook_state(jobs, id) == "delivered")
+    [(headers, body)] = receiver.requests
+    assert json.loads(body) == webhook_payload(jobs.get(id))
     assert headers["Content-Type"] == "application/json"
-    assert headers[REQUEST_ID_HEADER] == "req-1"
+    assert headers[REQUEST_ID_HEADER] == id
     assert verify_signature(SECRET, body, headers)
-    wait_for(lambda: logged(caplog, "webhook delivered request_id=req-1 attempt=1"))
+    assert logged(caplog, f"webhook delivered request_id={id} attempt=1")
 
 
-def test_unsigned_delivery_has_no_signature_headers(receiver, make_sender):
-    make_sender(secret=None).send(ok_job(receiver.url))
+def test_unsigned_delivery_has_no_signature_headers(jobs, receiver, make_sender):
+    complete(jobs, receiver.url)
+    make_sender(jobs, secret=None)
     wait_for(lambda: receiver.requests)
     headers = {name.lower() for name in receiver.requests[0][0]}
     assert REQUEST_ID_HEADER in headers
     assert SIGNATURE_HEADER not in headers and TIMESTAMP_HEADER not in headers
 
 
-def test_job_without_webhook_url_sends_nothing(receiver, make_sender):
-    sender = make_sender()
-    sender.send(ok_job(None))
+def test_job_without_webhook_url_sends_nothing(jobs, receiver, make_sender):
+    id = complete(jobs, None)
+    sender = make_sender(jobs)
+    sender.wake()
+    time.sleep(0.2)
     sender.close(1)
-    assert receiver.requests == []
+    assert receiver.requests == [] and webhook_state(jobs, id) is None
 
 
-def test_retries_until_delivered_with_identical_bodies(receiver, make_sender, caplog):
+def test_retries_until_delivered_with_identical_bodies(jobs, receiver, make_sender, caplog):
     caplog.set_level(logging.INFO, logger="multitalk.webhooks")
     receiver.statuses = [500, 500, 200]
-    make_sender().send(completed("ERROR", {"status_code": 500, "body": FAILURE}, webhook_url=receiver.url))
-    wait_for(lambda: logged(caplog, "webhook delivered"))
-    assert len(receiver.requests) == 3
+    id = complete(jobs, receiver.url, "ERROR", {"status_code": 500, "body": FAILURE})
+    make_sender(jobs)
+    wait_for(lambda: webhook_state(jobs, id) == "delivered")
+    assert len(receiver.requests) == 3 and jobs.get(id).webhook_attempts == 3
     assert len({body for _, body in receiver.requests}) == 1
     assert all(verify_signature(SECRET, body, headers) for headers, body in receiver.requests)
-    assert len(logged(caplog, "webhook failed request_id=req-1")) == 2
-    assert logged(caplog, "webhook delivered request_id=req-1 attempt=3")
+    assert len(logged(caplog, f"webhook failed request_id={id}")) == 2
+    assert logged(caplog, f"webhook delivered request_id={id} attempt=3")
 
 
-def test_gives_up_after_the_last_attempt(receiver, make_sender, caplog):
+def test_gives_up_after_the_last_attempt(jobs, receiver, make_sender, caplog):
     receiver.statuses = [503] * 10
-    make_sender(attempts=3).send(ok_job(receiver.url))
-    wait_for(lambda: logged(caplog, "webhook gave up"))
-    assert logged(caplog, "webhook gave up request_id=req-1 attempt=3")[0].endswith("the receiver answered 503")
+    id = complete(jobs, receiver.url)
+    make_sender(jobs, attempts=3)
+    wait_for(lambda: webhook_state(jobs, id) == "failed")
+    assert logged(caplog, f"webhook gave up request_id={id} attempt=3")[0].endswith("the receiver answered 503")
     assert len(receiver.requests) == 3
 
 
-def test_connection_errors_and_timeouts_are_retried(receiver, make_sender, caplog):
+def test_connection_errors_and_timeouts_are_retried(jobs, receiver, make_sender, caplog):
     receiver.delay_s = 1.0
-    sender = make_sender(attempts=2, timeout_s=0.2)
-    started = time.monotonic()
-    sender.send(ok_job(receiver.url))
-    assert time.monotonic() - started < 0.1  # the job never waits for the receiver
-    wait_for(lambda: logged(caplog, "webhook gave up"))
-    assert "ReadTimeout" in logged(caplog, "webhook failed request_id=req-1 attempt=1")[0]
-    nobody = f"http://127.0.0.1:{free_port()}/hook"
-    caplog.clear()
-    make_sender(attempts=2).send(ok_job(nobody))
-    wait_for(lambda: logged(caplog, "webhook gave up"))
-    assert "ConnectError" in logged(caplog, "webhook gave up request_id=req-1 attempt=2")[0]
+    slow = complete(jobs, receiver.url)
+    make_sender(jobs, attempts=2, timeout_s=0.2)
+    wait_for(lambda: webhook_state(jobs, slow) == "failed")
+    assert "ReadTimeout" in logged(caplog, f"webhook failed request_id={slow} attempt=1")[0]
+    nobody = complete(jobs, f"http://127.0.0.1:{free_port()}/hook")
+    wait_for(lambda: webhook_state(jobs, nobody) == "failed")
+    assert "ConnectError" in logged(caplog, f"webhook gave up request_id={nobody} attempt=2")[0]
 
 
-def test_redirects_are_not_followed(receiver, make_sender, caplog):
+def test_redirects_are_not_followed(jobs, receiver, make_sender):
     receiver.statuses = [302]
-    make_sender(attempts=1).send(ok_job(receiver.url))
-    wait_for(lambda: logged(caplog, "webhook gave up"))
+    id = complete(jobs, receiver.url)
+    make_sender(jobs, attempts=1)
+    wait_for(lambda: webhook_state(jobs, id) == "failed")
     assert [headers["Host"] for headers, _ in receiver.requests] == [receiver.url.split("/")[2]]
 
 
-def test_private_address_refused_unless_allowed(receiver, make_sender, caplog):
-    make_sender(fetch_settings=FetchSettings()).send(ok_job(receiver.url))
-    wait_for(lambda: logged(caplog, "webhook refused"))
-    assert "private or local network address (127.0.0.1)" in logged(caplog, "webhook refused request_id=req-1")[0]
-    time.sleep(0.2)  # a refusal is final: no retry comes
+def test_private_address_refused_unless_allowed(jobs, receiver, make_sender, caplog):
+    id = complete(jobs, receiver.url)
+    make_sender(jobs, fetch_settings=FetchSettings())
+    wait_for(lambda: webhook_state(jobs, id) == "failed")
+    assert "private or local network address (127.0.0.1)" in logged(caplog, f"webhook refused request_id={id}")[0]
+    assert jobs.get(id).webhook_attempts == 1, "a refusal is final: no retry comes"
     assert receiver.requests == []
-    assert len(logged(caplog, "webhook refused")) == 1
 
 
-def test_close_returns_promptly_and_drops_pending_retries(receiver, make_sender, caplog):
-    receiver.statuses = [500]
-    sender = make_sender(first_backoff_s=60, max_backoff_s=60)
-    sender.send(ok_job(receiver.url))
-    wait_for(lambda: logged(caplog, "webhook failed"))
+def test_a_hanging_receiver_delays_no_other_receivers_webhook(jobs, make_receiver, make_sender):
+    """One thread used to post every webhook: a receiver taking timeout_s per attempt held all the others."""
+    hanging, healthy = make_receiver(), make_receiver()
+    hanging.delay_s = 60
+    stuck = [complete(jobs, hanging.url) for _ in range(3)]  # due first, and more than its host's slots
+    other = complete(jobs, healthy.url)
+    sender = make_sender(jobs, timeout_s=30, max_per_host=2)
+    wait_for(lambda: webhook_state(jobs, other) == "delivered")
+    assert len(hanging.requests) == 2, "the hanging host holds its own two slots, no more"
     started = time.monotonic()
     sender.close(5)
-    assert time.monotonic() - started < 1
-    assert logged(caplog, "webhook abandoned request_id=req-1 attempt=1")
-    sender.send(ok_job(receiver.url))
-    assert logged(caplog, "webhook dropped request_id=req-1")
+    assert time.monotonic() - started < 5, "close does not wait for the hanging receiver"
+    assert {webhook_state(jobs, id) for id in stuck} == {"pending"}, "interrupted attempts are made again later"
+
+
+def _retry_waits_in_the_store(store: JobStore, id: str) -> bool:
+    """The first attempt failed and its retry is scheduled (due within the backoff, not the hold)."""
+    job = store.get(id)
+    return job.webhook_attempts == 1 and job.webhook_due_at is not None and job.webhook_due_at < time.time() + 5
+
+
+def test_a_retry_waiting_in_the_store_is_delivered_after_a_restart(spec, receiver, make_sender):
+    receiver.statuses = [500]
+    store = open_job_store(*spec)
+    id = complete(store, receiver.url, "ERROR", {"status_code": 500, "body": FAILURE})
+    sender = make_sender(store, first_backoff_s=1, max_backoff_s=1)
+    wait_for(lambda: _retry_waits_in_the_store(store, id))
+    sender.close(1)
+    store.close()
     assert len(receiver.requests) == 1
+    restarted = open_job_store(*spec)
+    make_sender(restarted)
+    wait_for(lambda: webhook_state(restarted, id) == "delivered")
+    (first_headers, first_body), (headers, body) = receiver.requests
+    assert body == first_body == encode(webhook_payload(restarted.get(id))), "the same bytes across the restart"
+    assert verify_signature(SECRET, first_body, first_headers) and verify_signature(SECRET, body, headers)
+    assert restarted.get(id).webhook_attempts == 2
+    restarted.close()
+
+
+def test_two_senders_on_one_store_make_each_attempt_once(spec, receiver, make_sender):
+    first, second = open_job_store(*spec), open_job_store(*spec)
+    ids = [complete(first, receiver.url) for _ in range(12)]
+    receiver.statuses = [500] * 4  # a few retries as well
+    make_sender(first)
+    make_sender(second)
+    wait_for(lambda: all(webhook_state(first, id) == "delivered" for id in ids))
+    sent = Counter(headers[REQUEST_ID_HEADER] for headers, _ in receiver.requests)
+    assert sent == {id: first.get(id).webhook_attempts for id in ids}
+    assert sum(sent.values()) == len(ids) + 4
+    first.close()
+    second.close()
