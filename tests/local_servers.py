@@ -19,40 +19,52 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def redis_binary_or_skip() -> str:
-    """redis-server's path; skipped when absent, a failure under MULTITALK_REQUIRE_REDIS=1 (CI)."""
-    binary = shutil.which("redis-server")
+def binary_or_skip(name: str, require_variable: str, purpose: str) -> str:
+    """The path of the program `name` (also looked for in the sbin folders); the test is skipped when it is
+    absent, or fails when `require_variable` is 1 (CI installs it and sets the variable)."""
+    binary = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
     if binary is None:
-        reason = "redis-server is not on PATH (apt-get install redis-server) to test the Redis backend"
-        if os.environ.get("MULTITALK_REQUIRE_REDIS") == "1":
+        reason = f"{name} is not installed (apt-get install {name}) to {purpose}"
+        if os.environ.get(require_variable) == "1":
             pytest.fail(reason)
         pytest.skip(reason)
     return binary
 
 
+def redis_binary_or_skip() -> str:
+    return binary_or_skip("redis-server", "MULTITALK_REQUIRE_REDIS", "test the Redis backend")
+
+
+def wait_for_redis(url: str, server: subprocess.Popen, timeout_s: float) -> None:
+    """Return once the redis-server `server` answers at `url`; fail the test if it exits or does not answer in time."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    pytest.fail(f"redis-server did not start for {url}")
+                time.sleep(0.02)
+    finally:
+        client.close()
+
+
 @contextmanager
 def running_redis() -> Iterator[str]:
     """A redis-server without persistence on a free port; yields its URL."""
-    import redis
-
     binary = redis_binary_or_skip()
     port = free_port()
     server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                               stdout=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.fail(f"redis-server did not start on port {port}")
-                time.sleep(0.02)
+        wait_for_redis(url, server, timeout_s=10)
         yield url
     finally:
-        client.close()
         server.terminate()
         server.wait(10)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from local_servers import free_port
+from local_servers import free_port, redis_binary_or_skip, wait_for_redis
 from repo_paths import REPO_ROOT
 
 FAST_JOBS = ("--frame-size", "32x64", "--steps", "1")
@@ -131,29 +131,15 @@ class RestartableRedis:
     a Redis restart (an outage of a few seconds) that keeps its data."""
 
     def __init__(self, folder: Path):
-        from local_servers import redis_binary_or_skip
-
         self.binary, self.folder, self.port = redis_binary_or_skip(), folder, free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
         folder.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> None:
-        import redis
-
         self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "yes", "--dir", str(self.folder)], stdout=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise AssertionError(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.05)
-        client.close()
+        wait_for_redis(self.url, self.proc, timeout_s=30)
 
     def stop(self) -> None:
         """SIGTERM: Redis writes its append-only file and exits, as in a restart."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import ssl
 import subprocess
@@ -25,7 +24,7 @@ import fal_client
 import httpx
 import pytest
 
-from local_servers import free_port
+from local_servers import binary_or_skip, free_port
 from repo_paths import REPO_ROOT
 from server_harness import Cluster, Process
 from tls_certs import HOST, write_self_signed
@@ -140,16 +139,6 @@ def test_python_recipe_runs_as_written_with_tls_cert(tls_server, workdir, certif
 
 # --- behind the compose profile's nginx -------------------------------------------------------------
 
-def _nginx_binary_or_skip() -> str:
-    binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
-    if binary is None:
-        reason = "nginx is not installed (apt-get install nginx) to test deploy/nginx/multitalk.conf.template"
-        if os.environ.get("MULTITALK_REQUIRE_NGINX") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return binary
-
-
 def render_template(values: dict[str, str]) -> str:
     """The template with its ${NAME}s replaced, as the nginx image's envsubst does at start."""
     text = re.sub(r"\$\{(\w+)\}", lambda match: values[match.group(1)], PROXY_TEMPLATE.read_text())
@@ -160,7 +149,7 @@ def render_template(values: dict[str, str]) -> str:
 @pytest.fixture(scope="module")
 def proxy(http_server, certificate, tmp_path_factory):
     """nginx on a free port, TLS with the test certificate, in front of the plain-http server; its https URL."""
-    nginx = _nginx_binary_or_skip()
+    nginx = binary_or_skip("nginx", "MULTITALK_REQUIRE_NGINX", "test deploy/nginx/multitalk.conf.template")
     folder = tmp_path_factory.mktemp("nginx")
     port = free_port()
     site = folder / "multitalk.conf"
