@@ -72,11 +72,16 @@ async def stage_inputs(inp: AvatarMultiInput, files: FileStore, fetch: FetchSett
         ))
         for field, file in zip(media, fetched):  # all checked before any is kept: a refusal leaves nothing behind
             await run_in_threadpool(_CHECK_DECODES[FIELDS[field].kind], file.path, field)
-        kept_ids = {}
-        for field, file in zip(media, fetched):
-            kept = await run_in_threadpool(files.add_file, file.path, file.content_type,
-                                           f"{field.removesuffix('_url')}{file.path.suffix}")
-            kept_ids[field] = kept.id
+        kept_ids: dict[str, str] = {}
+        try:
+            for field, file in zip(media, fetched):
+                kept = await run_in_threadpool(files.add_file, file.path, file.content_type,
+                                               f"{field.removesuffix('_url')}{file.path.suffix}")
+                kept_ids[field] = kept.id
+        except BaseException:  # e.g. the disk filled after the first input: keep none of them
+            for file_id in kept_ids.values():
+                files.delete(file_id)
+            raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {"options": to_generation_options(inp, seed_or_random(inp.seed)), "files": kept_ids}

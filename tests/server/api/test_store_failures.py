@@ -97,6 +97,21 @@ def test_a_submit_on_a_full_disk_is_a_507(on_sqlite, speech_request, monkeypatch
                        "no space left on device")
 
 
+def test_a_disk_that_fills_between_two_inputs_keeps_neither(on_sqlite, speech_request, monkeypatch):
+    client, services = on_sqlite
+    add_file = services.files.add_file
+
+    def full_after_the_first(*args, **kwargs):
+        if _kept_files(services):
+            raise no_space_error()
+        return add_file(*args, **kwargs)
+
+    monkeypatch.setattr(services.files, "add_file", full_after_the_first)
+    _assert_flat_error(client.post(SUBMIT, json=speech_request), 507, "insufficient_storage",
+                       "no space left on device")
+    assert _kept_files(services) == []
+
+
 def test_healthz_says_when_the_data_dir_is_full(on_sqlite, monkeypatch):
     client, _ = on_sqlite
     assert client.get("/healthz").json() == {"status": "ok"}
