@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable
 from starlette.concurrency import run_in_threadpool
 
 from server.jobs import COMPLETED, Job, JobStore
+from server.jobs.failures import StoreOutage
 
 if TYPE_CHECKING:
     from server.services import Services
@@ -48,13 +49,17 @@ def delete_expired(services: Services) -> None:
 async def run_maintenance(services: Services) -> None:
     """Forever, until cancelled; a failing round is logged and the next one tries again."""
     sweeps = 0
+    outage = StoreOutage(logger, "in housekeeping")
     while True:
         try:
             await run_in_threadpool(sweep_expired_leases, services.store, services.settings.max_attempts,
                                     services.job_completed)
             if sweeps % CLEANUP_EVERY_SWEEPS == 0:
                 await run_in_threadpool(delete_expired, services)
-        except Exception:  # housekeeping must outlive a store hiccup
-            logger.exception("maintenance round failed")
+        except Exception as exc:  # housekeeping must outlive a store outage (logged once) or a bug (logged)
+            if not outage.noted(exc):
+                logger.exception("maintenance round failed")
+        else:
+            outage.recovered()
         sweeps += 1
         await asyncio.sleep(SWEEP_EVERY_S)

@@ -61,6 +61,7 @@ import httpx
 
 from server.files import safe_http
 from server.files.fetch import FetchSettings
+from server.jobs.failures import StoreOutage
 from server.jobs.store import (
     COMPLETED,
     WEBHOOK_DELIVERED,
@@ -247,6 +248,7 @@ class WebhookSender:
         self.poll_s = poll_s
         self._in_flight: dict[str, asyncio.Task[None]] = {}  # by job id; touched on the loop's thread only
         self._per_host: Counter[str] = Counter()
+        self._outage = StoreOutage(logger, "while reading the webhook outbox")
         self._closing = False
         self._loop = asyncio.new_event_loop()
         self._wakeup = asyncio.Event()
@@ -280,9 +282,12 @@ class WebhookSender:
             self._wakeup.clear()
             try:
                 due = await asyncio.to_thread(self.store.due_webhooks)
-            except Exception:  # the sender must outlive a store hiccup; the next round retries
-                logger.exception("webhook outbox could not be read retry_in=%.1fs", self.poll_s)
+            except Exception as exc:  # the sender must outlive a store outage (logged once) or a bug; it polls on
+                if not self._outage.noted(exc):
+                    logger.exception("webhook outbox could not be read retry_in=%.1fs", self.poll_s)
                 due = []
+            else:
+                self._outage.recovered()
             for id, url in due:
                 if len(self._in_flight) >= self.max_in_flight:
                     break

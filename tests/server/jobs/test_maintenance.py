@@ -3,12 +3,18 @@ finished jobs and stored files are deleted after the retention time, recent ones
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import time
 
+from server.jobs import maintenance
 from server.jobs.maintenance import delete_expired, sweep_expired_leases
 from server.services import APP_ID, Services
 from server.settings import Settings
+
+from local_servers import free_port
 
 
 def _services(tmp_path, **settings) -> tuple[Services, list]:
@@ -60,3 +66,24 @@ def test_retention_deletes_old_jobs_and_files_and_keeps_recent_ones(tmp_path):
     assert store.get(recent_job.id) is not None and store.get(queued_job.id) is not None
     assert not old_file.path.exists() and new_file.path.exists()
     services.close()
+
+
+def test_housekeeping_and_the_webhook_sender_log_a_store_outage_once_not_every_round(tmp_path, monkeypatch, caplog):
+    """Rounds keep their pace through an outage; each loop says once that the store is down, with no traceback."""
+    monkeypatch.setattr(maintenance, "SWEEP_EVERY_S", 0.01)
+    services = Services.from_settings(Settings(data_dir=tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/0",
+                                               workers=0))
+    services.webhooks.poll_s = 0.01
+
+    async def some_rounds() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(maintenance.run_maintenance(services), timeout=1.0)
+
+    try:
+        with caplog.at_level(logging.INFO):
+            asyncio.run(some_rounds())
+    finally:
+        services.close()
+    down = [record for record in caplog.records if record.getMessage().startswith("store unusable")]
+    assert sorted(record.name for record in down) == ["multitalk.maintenance", "multitalk.webhooks"]
+    assert not [record for record in caplog.records if record.exc_info]
