@@ -140,14 +140,11 @@ class StoreOutage:
             self._next_wait_s = min(wait * 2, self.max_wait_s)
             return wait
 
-    def noted(self, exc: BaseException) -> bool:
-        """For loops that keep their own pace (housekeeping, the webhook outbox): note `exc` if it is a storage
-        failure (logged once per outage, as `failed` does) and say so; False for any other error, which the
-        caller logs as the bug it is."""
+    def noted(self, exc: BaseException) -> float | None:
+        """`failed` for any exception: the seconds to wait when `exc` is a storage failure (logged once per
+        outage), None for any other error, which the caller handles as the bug it is."""
         failure = storage_failure(exc)
-        if failure is not None:
-            self.failed(failure)
-        return failure is not None
+        return None if failure is None else self.failed(failure)
 
     def recovered(self) -> None:
         """Note a successful try: logs the recovery once, and the next failure starts its backoff afresh."""

@@ -57,7 +57,7 @@ async def run_maintenance(services: Services) -> None:
             if sweeps % CLEANUP_EVERY_SWEEPS == 0:
                 await run_in_threadpool(delete_expired, services)
         except Exception as exc:  # housekeeping must outlive a store outage (logged once) or a bug (logged)
-            if not outage.noted(exc):
+            if outage.noted(exc) is None:
                 logger.exception("maintenance round failed")
         else:
             outage.recovered()

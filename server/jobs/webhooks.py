@@ -283,7 +283,7 @@ class WebhookSender:
             try:
                 due = await asyncio.to_thread(self.store.due_webhooks)
             except Exception as exc:  # the sender must outlive a store outage (logged once) or a bug; it polls on
-                if not self._outage.noted(exc):
+                if self._outage.noted(exc) is None:
                     logger.exception("webhook outbox could not be read retry_in=%.1fs", self.poll_s)
                 due = []
             else:

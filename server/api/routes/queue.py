@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -31,9 +32,11 @@ from server.api.schemas import (
 from server.api.submission import accept
 from server.api.views import result_response, status_body
 from server.jobs import COMPLETED, Job
+from server.jobs.failures import StoreOutage
 from server.jobs.webhooks import check_webhook_url
 from server.services import APP_ID, OWNER_APP, BaseUrlDep, ServicesDep, StoreDep
 
+logger = logging.getLogger("multitalk.api")
 router = APIRouter(prefix=QUEUE_PREFIX, tags=["queue"], dependencies=[Depends(require_api_key)])
 
 KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
@@ -141,11 +144,23 @@ async def _status_events(job_id: str, store, base_url: str, with_logs: bool, req
     COMPLETED. Each event's `logs` holds only the lines new since the previous event, as fal's stream does: the JS
     client appends every event's logs to what it has shown (polled status, by contrast, lists them all)."""
     last_state, logs_sent, last_sent_at = None, 0, time.monotonic()
+    outage = StoreOutage(logger, f"in a status stream request_id={job_id}", max_wait_s=KEEPALIVE_S / 3)
     while not await request.is_disconnected():
-        job = await run_in_threadpool(store.get, job_id)
+        try:
+            job = await run_in_threadpool(store.get, job_id)
+            body = None if job is None else await run_in_threadpool(status_body, job, store, base_url, with_logs)
+        except Exception as exc:  # a store outage: the stream stays open (keep-alives go on) until the store is back
+            wait_s = outage.noted(exc)
+            if wait_s is None:
+                raise
+            if time.monotonic() - last_sent_at >= KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                last_sent_at = time.monotonic()
+            await asyncio.sleep(wait_s)
+            continue
+        outage.recovered()
         if job is None:  # expired while streaming
             return
-        body = await run_in_threadpool(status_body, job, store, base_url, with_logs)
         all_logs = body["logs"] or []  # None without logs=1
         if with_logs:
             body["logs"] = all_logs[logs_sent:]

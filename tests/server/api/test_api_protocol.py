@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -485,3 +486,24 @@ def test_error_bodies_carry_the_message_the_js_client_shows(local_api):
     too_large = local_api.post(RUN, content=b"x" * (65 * 1024), headers={"content-type": "application/json"})
     assert too_large.status_code == 413
     assert too_large.json()["error_type"] == "payload_too_large" and too_large.json()["message"] == too_large.json()["detail"]
+
+
+def test_a_status_stream_rides_out_a_store_outage_and_ends_with_completed(local_api, monkeypatch):
+    """A store error mid-stream used to end the response with an exception; now the stream waits the outage out."""
+    store = local_api.app.state.services.store
+    job = store.submit(APP_ID, {"options": {}, "files": {}})
+    store.claim("worker-1", lease_s=60)
+    real_get, reads = store.get, []
+
+    def get_during_an_outage(id):
+        reads.append(id)
+        if 2 <= len(reads) <= 4:  # the route's own read passes; the stream's next three find the store down
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_get(id)
+
+    monkeypatch.setattr(store, "get", get_during_an_outage)
+    finisher = threading.Timer(1.0, store.finish, (job.id, "worker-1", "OK", {"status_code": 200, "body": {}}))
+    finisher.start()
+    events = _sse_events(local_api, f"{REQUESTS}/{job.id}/status/stream")
+    finisher.join()
+    assert len(reads) > 4 and events[-1]["status"] == "COMPLETED"
