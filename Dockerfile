@@ -72,9 +72,10 @@ WORKDIR /home/multitalk
 
 EXPOSE 8000
 # Probes the API of `serve` with the interpreter already in the image (no curl). A container running
-# `worker` or `doctor` serves no HTTP and passes; workers report through the API's /readyz instead.
+# `worker` or `doctor` serves no HTTP and passes; workers report through the API's /readyz instead. With TLS
+# (set it through MULTITALK_TLS_CERT / MULTITALK_TLS_KEY in containers) the probe speaks https.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0) if b'serve' not in open('/proc/1/cmdline', 'rb').read().split(bytes(1)) else urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('MULTITALK_PORT', '8000'), timeout=4)"]
+    CMD ["python", "-c", "import os, ssl, sys, urllib.request; sys.exit(0) if b'serve' not in open('/proc/1/cmdline', 'rb').read().split(bytes(1)) else urllib.request.urlopen('%s://127.0.0.1:%s/healthz' % ('https' if os.environ.get('MULTITALK_TLS_CERT') else 'http', os.environ.get('MULTITALK_PORT', '8000')), timeout=4, context=ssl._create_unverified_context())"]
 
 # `docker run IMAGE` serves; `docker run IMAGE worker` (or doctor, generate, weights ...) runs that command.
 ENTRYPOINT ["multitalk"]
