@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from repo_paths import GOLDEN_DIR
 
 
 def golden_dir_or_skip() -> Path:

@@ -8,8 +8,7 @@ import pytest
 
 from tools.golden import RUNNERS, GoldenFolder, run_check
 
-from conftest import GOLDEN_DIR
-from repo_paths import REPO_ROOT
+from repo_paths import GOLDEN_DIR, REPO_ROOT
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
