@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.contract.errors import InputError
-from server.jobs.failures import STORAGE_ERRORS, StorageFailure, storage_failure
+from server.jobs.failures import STORAGE_ERRORS, StorageFailure, storage_failure_or_raise
 
 ECHO_MAX_CHARS = 200  # longer strings in an error's `input` are cut to this many characters
 Loc = tuple[str | int, ...]
@@ -176,7 +176,4 @@ def storage_failure_response(failure: StorageFailure, status_code: int | None = 
 async def _on_storage_error(request: Request, exc: Exception) -> JSONResponse:
     """A job-store or storage failure escaping a route is the client's 503 or 507, never a bare 500; any other
     error of the same classes (a bug) is re-raised to the server's 500 handler, which logs it."""
-    failure = storage_failure(exc)
-    if failure is None:
-        raise exc
-    return storage_failure_response(failure)
+    return storage_failure_response(storage_failure_or_raise(exc))

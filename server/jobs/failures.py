@@ -76,6 +76,14 @@ def storage_failure(exc: BaseException) -> StorageFailure | None:
     return next((f for f in found if f.kind == "full"), found[0] if found else None)
 
 
+def storage_failure_or_raise(exc: BaseException) -> StorageFailure:
+    """The storage failure `exc` is; any other error (a bug) is re-raised as it is."""
+    failure = storage_failure(exc)
+    if failure is None:
+        raise exc
+    return failure
+
+
 def _classify_one(exc: BaseException) -> StorageFailure | None:
     if isinstance(exc, redis.exceptions.OutOfMemoryError):
         return StorageFailure("full", f"the job store (Redis) is out of memory ({exc}); raise its maxmemory "

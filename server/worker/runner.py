@@ -29,7 +29,7 @@ from server.api.errors import input_error_body, request_error_body
 from server.files.scratch import process_scratch
 from server.files.store import FileStore, UnknownFile
 from server.jobs import Job, JobStore
-from server.jobs.failures import StorageFailure, StoreOutage, storage_failure
+from server.jobs.failures import StoreOutage, storage_failure, storage_failure_or_raise
 from server.jobs.maintenance import sweep_expired_leases
 
 logger = logging.getLogger("multitalk.worker")
@@ -76,21 +76,13 @@ class LeaseKeeper:
             try:
                 held = self.store.renew(self.job_id, self.worker_id, self.lease_s)
             except Exception as exc:
-                wait_s = outage.failed(_storage_failure_or_raise(exc))
+                wait_s = outage.failed(storage_failure_or_raise(exc))
                 continue
             outage.recovered()
             if not held:
                 self.lost.set()
                 return
             wait_s = every_s
-
-
-def _storage_failure_or_raise(exc: Exception) -> StorageFailure:
-    """The store or storage failure `exc` is; any other error (a bug) is re-raised as it is."""
-    failure = storage_failure(exc)
-    if failure is None:
-        raise exc
-    return failure
 
 
 def new_worker_id() -> str:
@@ -126,7 +118,7 @@ class Worker:
                 sweep_expired_leases(self.store, self.settings.max_attempts, self.on_completed)
                 ran = self.run_once(stop)
             except Exception as exc:
-                stop.wait(self.store_outage.failed(_storage_failure_or_raise(exc)))
+                stop.wait(self.store_outage.failed(storage_failure_or_raise(exc)))
                 continue
             self.store_outage.recovered()
             if not ran:
@@ -171,7 +163,7 @@ class Worker:
             try:
                 result = call()
             except Exception as exc:
-                wait_s = self.store_outage.failed(_storage_failure_or_raise(exc))
+                wait_s = self.store_outage.failed(storage_failure_or_raise(exc))
                 if give_up():
                     return None
                 stop.wait(wait_s)
@@ -185,7 +177,7 @@ class Worker:
         try:
             result = call()
         except Exception as exc:
-            self.store_outage.failed(_storage_failure_or_raise(exc))
+            self.store_outage.failed(storage_failure_or_raise(exc))
             return default
         self.store_outage.recovered()
         return result

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from server.jobs.failures import StoreOutage, storage_failure
+from server.jobs.failures import StoreOutage, storage_failure_or_raise
 from server.services import Services
 from server.settings import Settings
 from server.worker.runner import Worker, WorkerSettings, new_worker_id
@@ -101,11 +101,11 @@ class Heartbeat:
         try:
             self.services.store.record_worker(self.worker_id, info, HEARTBEAT_TTL_S)
         except Exception as exc:
-            failure = storage_failure(exc)
-            if failure is None:
+            wait_s = self._outage.noted(exc)
+            if wait_s is None:
                 logger.exception("heartbeat failed worker_id=%s", self.worker_id)
             else:
-                self._next_beat_s = min(self._outage.failed(failure), HEARTBEAT_EVERY_S)
+                self._next_beat_s = min(wait_s, HEARTBEAT_EVERY_S)
             return
         self._outage.recovered()
         self._next_beat_s = HEARTBEAT_EVERY_S
@@ -125,8 +125,7 @@ class Heartbeat:
         try:
             self.services.store.forget_worker(self.worker_id)
         except Exception as error:
-            if storage_failure(error) is None:
-                raise
+            storage_failure_or_raise(error)
             logger.warning("worker not unlisted (the store is unusable); its heartbeat expires in %gs worker_id=%s",
                            HEARTBEAT_TTL_S, self.worker_id)
 

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from server.api.auth import is_known_key, presented_key
 from server.api.errors import storage_failure_response
 from server.api.metrics import render_metrics
-from server.jobs.failures import FREE_SPACE_HINT, StorageFailure, storage_failure
+from server.jobs.failures import FREE_SPACE_HINT, StorageFailure, storage_failure_or_raise
 from server.services import Services, ServicesDep, StoreDep
 
 router = APIRouter(tags=["health"])
@@ -42,10 +42,7 @@ def store_problem(services: Services) -> StorageFailure | None:
     try:
         services.store.counts()
     except Exception as exc:
-        failure = storage_failure(exc)
-        if failure is None:
-            raise
-        return failure
+        return storage_failure_or_raise(exc)
     free = shutil.disk_usage(services.files.root).free
     if free < MIN_FREE_BYTES:
         return StorageFailure("full", f"the data dir is full ({free} bytes free); {FREE_SPACE_HINT}")
