@@ -102,13 +102,18 @@ def _classify_one(exc: BaseException) -> StorageFailure | None:
     return None
 
 
+def sqlite_damage(exc: sqlite3.Error) -> str | None:
+    """SQLITE_CORRUPT or SQLITE_NOTADB when `exc` says the file itself is damaged; None for anything else (a lock,
+    an I/O error, a full disk: nothing that moving the file aside would mend)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else _SQLITE_DAMAGED.get(code & 0xFF)  # the primary code of an extended one
+
+
 def _classify_sqlite(exc: sqlite3.Error) -> StorageFailure | None:
     code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        code &= 0xFF  # the primary code of an extended one
-    if code == _SQLITE_FULL:
+    if code is not None and code & 0xFF == _SQLITE_FULL:
         return StorageFailure("full", f"the job store is full ({exc}); {FREE_SPACE_HINT}")
-    if code in _SQLITE_DAMAGED:
+    if sqlite_damage(exc) is not None:
         return StorageFailure("unavailable", f"the job store's file is damaged ({exc}); restore it from a backup "
                                              "or move it aside")
     if type(exc) in (sqlite3.OperationalError, sqlite3.DatabaseError):  # not a misuse (Programming, Integrity...)

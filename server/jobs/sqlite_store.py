@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from server.jobs.failures import sqlite_damage
 from server.jobs.store import (
     COMPLETED,
     IN_PROGRESS,
@@ -148,7 +149,7 @@ class SqliteJobStore(JobStore):
                 db.execute(_WEBHOOK_INDEX)
         except sqlite3.DatabaseError as exc:  # e.g. "file is not a database": a damaged header
             self.close()
-            if isinstance(exc, DamagedJobStore):
+            if isinstance(exc, DamagedJobStore) or sqlite_damage(exc) is None:  # a lock or an I/O error is no damage
                 raise
             raise DamagedJobStore(self._path, str(exc)) from exc
 

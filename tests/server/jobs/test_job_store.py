@@ -564,3 +564,13 @@ def test_a_damaged_file_is_refused_at_open_naming_it_and_what_to_do(tmp_path, da
     fresh = SqliteJobStore(path)
     assert fresh.counts()["queued"] == 0, "moved aside, the server starts with an empty store"
     fresh.close()
+
+
+def test_a_file_that_cannot_be_opened_is_not_called_damaged(tmp_path):
+    """Only a damaged file is worth moving aside: one SQLite cannot open (here a folder in its place; a lock or an
+    I/O error alike) keeps SQLite's own error, not advice that would throw a healthy store away."""
+    path = tmp_path / "jobs.sqlite3"
+    path.mkdir()
+    with pytest.raises(sqlite3.OperationalError) as refused:
+        SqliteJobStore(path)
+    assert not isinstance(refused.value, DamagedJobStore)
