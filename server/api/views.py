@@ -32,11 +32,13 @@ def _failure(job: Job) -> tuple[str, str]:
     return job.error or "the request failed", job.error_type or "internal_error"
 
 
-def status_body(job: Job, store: JobStore, base_url: str, with_logs: bool) -> dict[str, Any]:
-    """fal's status object; `queue_position` and `logs` always present (the Python client needs the keys)."""
+def status_body(job: Job, store: JobStore, base_url: str, logs_since: int | None) -> dict[str, Any]:
+    """fal's status object; `queue_position` and `logs` always present (the Python client needs the keys).
+    `logs` holds the job's log lines from index `logs_since` on (0: all of them; a stream passes how many it has
+    sent, so each poll reads only the new ones), or is null when `logs_since` is None."""
     body: dict[str, Any] = {"status": job.status, **queue_urls(base_url, OWNER_APP, job.id),
                             "queue_position": store.queue_position(job.id) if job.status == IN_QUEUE else None,
-                            "logs": [_log_entry(e) for e in store.logs(job.id)] if with_logs else None}
+                            "logs": None if logs_since is None else [_log_entry(e) for e in store.logs(job.id, logs_since)]}
     if job.status == COMPLETED:
         ran = job.finished_at - job.started_at if job.started_at and job.finished_at else 0.0
         body["metrics"] = {"inference_time": round(ran, 3)}

@@ -331,8 +331,9 @@ class WebhookSender:
                                "attempt decides", id, delivery.attempt, delivery.host)
             elif state == WEBHOOK_PENDING:
                 self._loop.call_later(retry_in_s, self._wakeup.set)
-        except Exception:  # a store error: the webhook is taken again when its hold ends
-            logger.exception("webhook attempt could not be taken or recorded request_id=%s", id)
+        except Exception as exc:  # a store outage (logged once) or a bug: taken again when its hold ends
+            if self._outage.noted(exc) is None:
+                logger.exception("webhook attempt could not be taken or recorded request_id=%s", id)
 
     async def _attempt(self, delivery: _Delivery) -> tuple[WebhookState, float]:
         """One try: what to record (delivered, failed, or pending again) and, when pending, the delay."""

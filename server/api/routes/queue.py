@@ -106,7 +106,7 @@ def _job_routes(prefix: str, in_schema: bool) -> None:
     def status(job: JobDep, store: StoreDep, base_url: BaseUrlDep, response: Response, logs: LogsFlag = None):
         response.status_code = 200 if job.status == COMPLETED else 202
         response.headers["x-fal-request-id"] = job.id
-        return status_body(job, store, base_url, _wants_logs(logs))
+        return status_body(job, store, base_url, 0 if _wants_logs(logs) else None)
 
     @router.get(f"{prefix}/requests/{{request_id}}/status/stream", include_in_schema=in_schema,
                 summary="Status as server-sent events until COMPLETED", response_class=StreamingResponse)
@@ -148,7 +148,8 @@ async def _status_events(job_id: str, store, base_url: str, with_logs: bool, req
     while not await request.is_disconnected():
         try:
             job = await run_in_threadpool(store.get, job_id)
-            body = None if job is None else await run_in_threadpool(status_body, job, store, base_url, with_logs)
+            body = None if job is None else await run_in_threadpool(status_body, job, store, base_url,
+                                                                    logs_sent if with_logs else None)
         except Exception as exc:  # a store outage: the stream stays open (keep-alives go on) until the store is back
             wait_s = outage.noted(exc)
             if wait_s is None:
@@ -161,13 +162,11 @@ async def _status_events(job_id: str, store, base_url: str, with_logs: bool, req
         outage.recovered()
         if job is None:  # expired while streaming
             return
-        all_logs = body["logs"] or []  # None without logs=1
-        if with_logs:
-            body["logs"] = all_logs[logs_sent:]
+        new_logs = body["logs"] or []  # None without logs=1
         state = json.dumps({**body, "logs": None})
-        if state != last_state or body["logs"]:
+        if state != last_state or new_logs:
             yield f"data: {json.dumps(body)}\n\n"
-            last_state, logs_sent, last_sent_at = state, len(all_logs), time.monotonic()
+            last_state, logs_sent, last_sent_at = state, logs_sent + len(new_logs), time.monotonic()
         elif time.monotonic() - last_sent_at >= KEEPALIVE_S:
             yield ": keep-alive\n\n"
             last_sent_at = time.monotonic()
