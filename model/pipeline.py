@@ -5,7 +5,8 @@ inputs are local files plus options, a progress callback and a cancel check trav
 a `GenerationResult` (the MP4's path, the seed, timings, the settings used) comes back. Every problem
 with the inputs raises `InputError` naming the request field, before any sampling starts.
 
-Flow: audio (decode, 16 kHz, loudness, speakers on one timeline of exactly the video's length) →
+Flow: speech (the text endpoints: each text synthesised by Kokoro-82M, `model.speech`) or audio (decode,
+16 kHz, loudness), speakers on one timeline of exactly the video's length →
 wav2vec2 features; image (bucket, crop) → reference; people → masks; prompt → UMT5; then clip by clip
 sampling (`video_generation`) with the frames streamed into one H.264 + AAC encode.
 """
@@ -16,13 +17,15 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from model.contract.errors import GenerationCancelled, InputError
-from model.contract.fields import ACCELERATION, RESOLUTION, seed_or_random
+from model.contract.fields import ACCELERATION, RESOLUTION, VIDEO_FPS, seed_or_random
 from model.contract.request import (
     GenerationRequest,
     GenerationResult,
@@ -35,6 +38,7 @@ from model.media.audio_input import (
     combine_speakers,
     fit_length,
     load_speech,
+    resample,
 )
 from model.media.image_input import (
     choose_bucket,
@@ -62,6 +66,8 @@ from model.sampling.video_generation import (
     VideoConditioning,
     generate_video_clips,
 )
+from model.speech import synthesis
+from model.speech.text_rules import MAX_SPEED_UP
 from model.weights.layout import (
     MultiTalkComponents,
     Precision,
@@ -114,16 +120,18 @@ class Pipeline:
     """All MultiTalk models, loaded once; `generate` may be called many times (one call at a time)."""
 
     def __init__(self, components: MultiTalkComponents, device: torch.device | str = "cpu",
-                 execution: ExecutionOptions = ExecutionOptions()):
+                 execution: ExecutionOptions = ExecutionOptions(), speech_folder: Path | None = None):
         """`components.transformer` must already be prepared with `execution` (see `prepare_transformer`).
 
         The text encoder lives in CPU memory and visits the device once per request for the prompts when block
         offload asks for it or the memory plan finds no room for it beside the largest request
-        (`keeps_text_encoder_on_cpu`).
+        (`keeps_text_encoder_on_cpu`). `speech_folder` holds Kokoro-82M, loaded by the first request that gives
+        its speech as text (so servers that never get one never load it).
         """
         self.components = components
         self.device = torch.device(device)
         self.execution = execution
+        self.speech_folder = speech_folder
         self.text_encoder_on_cpu = keeps_text_encoder_on_cpu(execution.weights, execution.offload, self.device)
         if self.text_encoder_on_cpu:
             components.text_encoder.model.to("cpu")
@@ -138,7 +146,8 @@ class Pipeline:
         on_cpu = {"transformer"} if execution.loads_on_cpu_first else set()
         if keeps_text_encoder_on_cpu(execution.weights, execution.offload, torch.device(device)):
             on_cpu.add("text_encoder")
-        pipeline = cls(load_components(layout, device, precision, on_cpu), device, execution)
+        pipeline = cls(load_components(layout, device, precision, on_cpu), device, execution,
+                       speech_folder=Path(root) / synthesis.KOKORO_DIR)
         lora_dir = Path(root) / "loras"
         files = sorted(lora_dir.glob("*.safetensors")) if lora_dir.is_dir() else []
         for path in [*files, *map(Path, loras)]:
@@ -185,6 +194,12 @@ class Pipeline:
         logger.info("warm-up done frame_size=%dx%d states=%d seconds=%.1f", *frame_size, 2 * len(recipes), seconds)
         return seconds
 
+    @cached_property
+    def synthesizer(self) -> synthesis.SpeechSynthesizer:
+        if self.speech_folder is None:
+            raise FileNotFoundError("this pipeline was built without a speech model folder (Kokoro-82M)")
+        return synthesis.SpeechSynthesizer(self.speech_folder, self.device)
+
     @property
     def loras(self) -> list[str]:
         return loaded_loras(self.components.transformer)
@@ -200,10 +215,19 @@ class Pipeline:
         recipe = _recipe(request, self.loras)
         clips = plan_clips(request.num_frames)
 
-        report(Progress("inputs", "reading image and audio"))
+        mark = time.perf_counter()
+        if request.speech:
+            report(Progress("speech", "synthesising speech"))
+            speech = self.speak(request, should_cancel or (lambda: False))
+            timings["speech_s"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+            report(Progress("inputs", "reading the image"))
+        else:
+            report(Progress("inputs", "reading image and audio"))
+            speech = [load_speech(Path(path), name) for path, name in request.speaker_audio]
         reference, masks, (height, width) = self._image_and_masks(request)
-        tracks = self._audio_tracks(request, clips)
-        timings["inputs_s"] = time.perf_counter() - started
+        tracks = self._audio_tracks(speech, request.audio_mode, clips)
+        timings["inputs_s"] = time.perf_counter() - mark
 
         report(Progress("encode", "encoding audio and text"))
         mark = time.perf_counter()
@@ -276,15 +300,44 @@ class Pipeline:
         reference = pixels_to_tensor(resize_and_center_crop(image, target_hw))
         return reference, masks, target_hw
 
-    def _audio_tracks(self, request: GenerationRequest, clips: list[ClipPlan]):
+    def speak(self, request: GenerationRequest, should_cancel: Callable[[], bool]) -> list[np.ndarray]:
+        """Each speaker's text synthesised in their voice: [n] float32 tracks at 16 kHz, in speaker order.
+
+        As in the original's TTS mode, the 24 kHz speech is resampled to 16 kHz as librosa loads it, and not
+        loudness-normalised. Speech that comes out longer than the video (the texts are within the submit-time
+        speaking-rate limit, but voices differ) is synthesised again faster, by the factor that makes it fit, up
+        to `MAX_SPEED_UP`; beyond that it is refused naming the last text, rather than cut mid-sentence.
+        """
+        spoken = request.spoken_texts
+        video_s = request.num_frames / VIDEO_FPS
+        speed = 1.0
+        while True:
+            tracks = []
+            for text in spoken:
+                if should_cancel():
+                    raise GenerationCancelled("cancelled while synthesising speech")
+                tracks.append(self.synthesizer.synthesize(text.text, text.voice, text.text_field, speed))
+            lengths = [len(track) / synthesis.SAMPLE_RATE for track in tracks]
+            spoken_s = sum(lengths) if request.audio_mode == "add" else max(lengths)
+            logger.info("speech synthesised speakers=%d seconds=%.2f speed=%.2f video_s=%.2f",
+                        len(tracks), spoken_s, speed, video_s)
+            if spoken_s <= video_s or speed > 1.0:
+                break
+            speed = spoken_s / video_s * 1.02  # durations are rounded per phoneme: a little margin
+            if speed > MAX_SPEED_UP:
+                raise InputError(spoken[-1].text_field, f"takes {spoken_s:.1f} s to say, longer than the video "
+                                 f"({video_s:g} s) even spoken {MAX_SPEED_UP}× faster; shorten the text or raise "
+                                 "num_frames")
+        return [resample(track, synthesis.SAMPLE_RATE) for track in tracks]
+
+    def _audio_tracks(self, speech: list[np.ndarray], audio_mode: str, clips: list[ClipPlan]):
         """Speakers' 16 kHz tracks on one timeline at least as long as the generated clips (silence-padded).
 
         The mix (muxed into the MP4) is fitted to exactly `num_frames` by the writer; the per-speaker tracks
         cover every frame the clips generate, so no clip runs out of audio. Longer tracks stay whole: wav2vec2
         sees all of each (`speaker_embeddings`), as in the original.
         """
-        tracks = combine_speakers([load_speech(Path(path), name) for path, name in request.speaker_audio],
-                                  request.audio_mode)
+        tracks = combine_speakers(speech, audio_mode)
         length = (clips[-1].start + clips[-1].frames) * SAMPLES_PER_FRAME
         tracks.per_speaker = [fit_length(t, max(len(t), length)) for t in tracks.per_speaker]
         return tracks

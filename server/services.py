@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from model.contract.fields import AVATAR_MULTI
+from model.contract.fields import ENDPOINTS
 from server.api.public_urls import request_base_url
 from server.files.fetch import FetchSettings
 from server.files.store import FileStore
@@ -21,8 +21,9 @@ from server.jobs import Job, JobStore, open_job_store
 from server.jobs.webhooks import WebhookSender
 from server.settings import Settings
 
-APP_ID = AVATAR_MULTI.app_id  # what submit and run are called with
-OWNER_APP = APP_ID.rsplit("/", 1)[0]  # what status, result and cancel are called with (fal drops the endpoint path)
+# What status, result and cancel are called with: fal drops the endpoint path, leaving the owner/app all share.
+OWNER_APP = "fal-ai/ai-avatar"
+assert all(endpoint.app_id.startswith(OWNER_APP) for endpoint in ENDPOINTS)
 
 
 @dataclass

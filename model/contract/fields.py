@@ -11,7 +11,9 @@ choices and help. Everything else derives from this table, so the surfaces canno
   field on every job (`--steps`, `--frame-size`) parse with the fields' own parsers;
 * the playground reads the limits from the OpenAPI schema the server publishes.
 
-A new extension field or a new endpoint is one entry here, not one per surface.
+A new extension field or a new endpoint is one entry here, not one per surface. The four endpoints of
+fal's ai-avatar family differ only in where each person's speech comes from (an audio field, or a text
+read in a voice: `SpeakerInput`) and in their defaults.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from model.contract.errors import InputError
+from model.speech.text_rules import max_speech_chars, speech_text_problem
+from model.speech.voices import VOICE_CHOICES
 
-Kind = Literal["int", "float", "bool", "text", "choice", "boxes", "frame_size", "image", "audio"]
+# "speech": a text that is spoken (synthesised), with the rules of `model.speech.text_rules` on top of a text's.
+Kind = Literal["int", "float", "bool", "text", "speech", "choice", "boxes", "frame_size", "image", "audio"]
 MEDIA_KINDS = ("image", "audio")
 MAX_SEED = 2**32 - 1  # the hosted API accepts 0..4294967295
+VIDEO_FPS = 25  # MultiTalk's training frame rate: every video is made, and every num_frames counted, at 25 fps
 FRAME_SIZE_MULTIPLE = 16  # the VAE's 8× and the patch's 2× downsampling
 # umT5 reads at most 512 tokens of a prompt and drops the rest; a token is ~4 characters of English and
 # about one of CJK, so 4000 characters is more than the model ever sees in any language. Longer text only
@@ -94,13 +100,16 @@ class RequestField:
                 raise InputError(self.name, f"must be {noun} {self.limits}".rstrip() + f", got {value!r}")
         if self.kind == "bool" and not isinstance(value, bool):
             raise InputError(self.name, f"must be true or false, got {value!r}")
-        if self.kind == "text" and not isinstance(value, str):
+        texts = ("text", "speech")
+        if self.kind in texts and not isinstance(value, str):
             raise InputError(self.name, f"must be text, got {type(value).__name__}")
         if self.max_length is not None and isinstance(value, str) and len(value) > self.max_length:
             raise InputError(self.name, f"must be at most {self.max_length} characters long, got {len(value)}")
-        if self.kind == "text" and (control := _CONTROL_CHARACTERS.search(value)):
+        if self.kind in texts and (control := _CONTROL_CHARACTERS.search(value)):
             raise InputError(self.name, f"must not contain control characters (tab and line breaks are fine), "
-                                        f"got {control.group()!r} at position {control.start()}")
+                                        f"got {control.group()!r} at position {control.start()}", "control_character")
+        if self.kind == "speech" and (problem := speech_text_problem(value)):
+            raise InputError(self.name, problem, "text_unspeakable")
         if self.choices and value not in self.choices:
             raise InputError(self.name, f"must be {self.limits}, got {value!r}")
         if self.kind == "frame_size" and (len(value) != 2 or any(
@@ -144,6 +153,9 @@ def _within(value: float, minimum: float | None, maximum: float | None) -> bool:
 IMAGE = RequestField("image_url", "image", "The image with the people who speak; resized and centre-cropped to the "
                      "resolution's aspect.", required=True, max_length=MAX_DATA_URI_CHARS, flag="--image",
                      example="https://example.com/two_people.png")
+AUDIO = RequestField("audio_url", "audio", "Speech of the person in the image; any common audio format, or a "
+                     "video's sound.", required=True, max_length=MAX_DATA_URI_CHARS,
+                     example="https://example.com/speaker.wav")
 FIRST_AUDIO = RequestField("first_audio_url", "audio", "Speech of person 1 (the left person, or the only one); any "
                            "common audio format, or a video's sound.", required=True,
                            max_length=MAX_DATA_URI_CHARS, flag="--audio",
@@ -153,8 +165,27 @@ SECOND_AUDIO = RequestField("second_audio_url", "audio", "Speech of person 2 (th
                             example="https://example.com/right_speaker.wav")
 PROMPT = RequestField("prompt", "text", "What the video shows.", required=True, max_length=MAX_PROMPT_CHARS,
                       example="Two friends chat at a kitchen table, natural light, they take turns speaking.")
-NUM_FRAMES = RequestField("num_frames", "int", "Frames to generate at 25 fps (181 ≈ 7.2 s).", default=181,
+NUM_FRAMES = RequestField("num_frames", "int", f"Frames to generate at {VIDEO_FPS} fps (181 ≈ 7.2 s).", default=181,
                           minimum=41, maximum=241, example=181)
+# The longest text any video can hold; the limit of a request is its num_frames' (`text_rules.speech_length_problem`).
+MAX_SPEECH_CHARS = max_speech_chars(int(NUM_FRAMES.maximum), VIDEO_FPS)
+_VOICE_HELP = ("one of the 20 hosted voice names, spoken by the local Kokoro-82M voice of the same gender and nearest "
+               "accent, or a Kokoro voice id such as af_heart")
+TEXT_INPUT = RequestField("text_input", "speech", "What the person says, in English; synthesised in `voice` on this "
+                          "server.", required=True, max_length=MAX_SPEECH_CHARS,
+                          example="Spend more time with people who make you feel alive.")
+VOICE = RequestField("voice", "choice", f"The voice that speaks `text_input`: {_VOICE_HELP}.", required=True,
+                     choices=VOICE_CHOICES, example="Bill")
+FIRST_TEXT = RequestField("first_text_input", "speech", "What person 1 (the left person) says, in English, in "
+                          "`voice1`; spoken first.", required=True, max_length=MAX_SPEECH_CHARS, flag="--text",
+                          example="Do you know what we are eating?")
+SECOND_TEXT = RequestField("second_text_input", "speech", "What person 2 (the right person) says, in English, in "
+                           "`voice2`; spoken after person 1.", required=True, max_length=MAX_SPEECH_CHARS,
+                           flag="--text2", example="I think it is something called milky pie.")
+VOICE1 = RequestField("voice1", "choice", f"The voice of person 1: {_VOICE_HELP}.", default="Sarah",
+                      choices=VOICE_CHOICES, flag="--voice")
+VOICE2 = RequestField("voice2", "choice", f"The voice of person 2: {_VOICE_HELP}.", default="Roger",
+                      choices=VOICE_CHOICES, flag="--voice2")
 RESOLUTION = RequestField("resolution", "choice", "Output resolution.", default="480p", choices=("480p", "720p"))
 SEED = RequestField("seed", "int", "Random seed; absent: a random seed, returned with the result.",
                     minimum=0, maximum=MAX_SEED, example=81)
@@ -190,34 +221,81 @@ COLOR_CORRECTION = RequestField("color_correction_strength", "float", "Strength 
 FRAME_SIZE = RequestField("frame_size", "frame_size", "HEIGHTxWIDTH (multiples of 16) instead of the resolution's "
                           "bucket: previews and CPU demos.", hosted=False, http=False)
 
-MEDIA_FIELDS: tuple[RequestField, ...] = (IMAGE, FIRST_AUDIO, SECOND_AUDIO)
+MEDIA_FIELDS: tuple[RequestField, ...] = (IMAGE, AUDIO, FIRST_AUDIO, SECOND_AUDIO)
+SPEECH_FIELDS: tuple[RequestField, ...] = (TEXT_INPUT, VOICE, FIRST_TEXT, SECOND_TEXT, VOICE1, VOICE2)
 OPTION_FIELDS: tuple[RequestField, ...] = (
     PROMPT, NUM_FRAMES, RESOLUTION, SEED, USE_ONLY_FIRST_AUDIO, ACCELERATION, AUDIO_MODE, SPEAKER_BOXES,
     SPEAKER_PLACEMENT, NEGATIVE_PROMPT, STEPS, SHIFT, TEXT_SCALE, AUDIO_SCALE, USE_APG, TEACACHE_THRESHOLD,
     COLOR_CORRECTION, FRAME_SIZE,
 )
-FIELDS: Mapping[str, RequestField] = {f.name: f for f in (*MEDIA_FIELDS, *OPTION_FIELDS)}
-AUDIO_FIELDS = tuple(f.name for f in MEDIA_FIELDS if f.kind == "audio")  # speaker order
+FIELDS: Mapping[str, RequestField] = {f.name: f for f in (*MEDIA_FIELDS, *SPEECH_FIELDS, *OPTION_FIELDS)}
+AUDIO_FIELDS = tuple(f.name for f in MEDIA_FIELDS if f.kind == "audio")  # speaker order (audio_url: the only one)
+
+
+@dataclass(frozen=True)
+class SpeakerInput:
+    """Where an endpoint takes one person's speech from: an audio field, or a text read in a voice."""
+
+    audio: RequestField | None = None
+    text: RequestField | None = None
+    voice: RequestField | None = None
+
+    @property
+    def source(self) -> RequestField:
+        """The field that says what this person says (the audio, or the text)."""
+        return self.audio or self.text  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A hosted endpoint: which fields it takes over HTTP, in order, and its own defaults for them."""
+    """A hosted endpoint: which fields it takes over HTTP, in order, its own defaults for them, and where each
+    person's speech comes from (`speakers`, in speaking order: person 1 is the left one)."""
 
     app_id: str
     title: str
     fields: tuple[RequestField, ...]
+    speakers: tuple[SpeakerInput, ...]
     defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def default(self, request_field: RequestField) -> Any:
         return self.defaults.get(request_field.name, request_field.default)
 
+    def speakers_used(self, values: Mapping[str, Any]) -> tuple[SpeakerInput, ...]:
+        """The speakers a request with these field values animates: those whose speech is given, in order, and only
+        person 1 when `use_only_first_audio` is set."""
+        given = tuple(speaker for speaker in self.speakers if values.get(speaker.source.name) is not None)
+        return given[:speaker_count(len(given) > 1, bool(values.get(USE_ONLY_FIRST_AUDIO.name)))]
 
+
+# Our extension fields over HTTP: all of them where two people can speak, all but the audio mode where one does.
+_EXTENSIONS = tuple(f for f in OPTION_FIELDS if f.http and not f.hosted)
+_ONE_SPEAKER_EXTENSIONS = tuple(f for f in _EXTENSIONS if f is not AUDIO_MODE)
+_HOSTED_TAIL = (PROMPT, NUM_FRAMES, RESOLUTION, SEED)  # what every endpoint takes after its speech fields
+
+# Defaults and field orders from fal's published OpenAPI schemas of each endpoint.
+AVATAR = Endpoint(
+    "fal-ai/ai-avatar", "One image with one person, their speech, a prompt",
+    (IMAGE, AUDIO, *_HOSTED_TAIL, ACCELERATION, *_ONE_SPEAKER_EXTENSIONS),
+    (SpeakerInput(audio=AUDIO),), defaults={"num_frames": 145, "seed": 42},
+)
+AVATAR_SINGLE_TEXT = Endpoint(
+    "fal-ai/ai-avatar/single-text", "One image with one person, what they say as text, a voice, a prompt",
+    (IMAGE, TEXT_INPUT, VOICE, *_HOSTED_TAIL, ACCELERATION, *_ONE_SPEAKER_EXTENSIONS),
+    (SpeakerInput(text=TEXT_INPUT, voice=VOICE),), defaults={"num_frames": 136, "seed": 42},
+)
 AVATAR_MULTI = Endpoint(
     "fal-ai/ai-avatar/multi", "One image with one or two people, their speech, a prompt",
-    tuple(f for f in (*MEDIA_FIELDS, *OPTION_FIELDS) if f.http),
+    (IMAGE, FIRST_AUDIO, SECOND_AUDIO, *_HOSTED_TAIL, USE_ONLY_FIRST_AUDIO, ACCELERATION, *_EXTENSIONS),
+    (SpeakerInput(audio=FIRST_AUDIO), SpeakerInput(audio=SECOND_AUDIO)),
     defaults={"seed": 81},  # the hosted schema's seed when absent; an explicit null draws one
 )
+AVATAR_MULTI_TEXT = Endpoint(
+    "fal-ai/ai-avatar/multi-text", "One image with two people, what each says as text, their voices, a prompt",
+    (IMAGE, FIRST_TEXT, SECOND_TEXT, VOICE1, VOICE2, *_HOSTED_TAIL, ACCELERATION, *_EXTENSIONS),
+    (SpeakerInput(text=FIRST_TEXT, voice=VOICE1), SpeakerInput(text=SECOND_TEXT, voice=VOICE2)),
+    defaults={"num_frames": 191, "seed": 81},
+)
+ENDPOINTS: tuple[Endpoint, ...] = (AVATAR, AVATAR_SINGLE_TEXT, AVATAR_MULTI, AVATAR_MULTI_TEXT)
 
 
 def speaker_count(has_second_audio: bool, use_only_first_audio: bool) -> int:

@@ -2,7 +2,8 @@
 
 Torch-free, so the server builds requests without importing the model. A `GenerationRequest` holds
 the inputs as local files (the worker reads them from the file store, the CLI from the command
-line) plus the options of the request contract (`model.contract.fields`), whose defaults, limits
+line), or, for the text endpoints, each person's text and voice (`SpokenText`, synthesised by the
+pipeline), plus the options of the request contract (`model.contract.fields`), whose defaults, limits
 and choices it takes from there; `check()` applies them, naming the field of anything unusable.
 """
 
@@ -19,12 +20,15 @@ from model.contract.fields import (
     AUDIO_MODE,
     AUDIO_SCALE,
     COLOR_CORRECTION,
+    FIELDS,
+    FIRST_AUDIO,
     FRAME_SIZE,
     NEGATIVE_PROMPT,
     NUM_FRAMES,
     OPTION_FIELDS,
     PROMPT,
     RESOLUTION,
+    SECOND_AUDIO,
     SEED,
     SHIFT,
     SPEAKER_BOXES,
@@ -34,18 +38,35 @@ from model.contract.fields import (
     TEXT_SCALE,
     USE_APG,
     USE_ONLY_FIRST_AUDIO,
+    VIDEO_FPS,
     speaker_count,
 )
+from model.speech.text_rules import speech_length_problem
 
 Box = tuple[int, int, int, int]  # (x_min, y_min, x_max, y_max) in source-image pixels
 
 
+@dataclass(frozen=True)
+class SpokenText:
+    """One person's speech given as text: synthesised in `voice` before the video is made.
+
+    `text_field` and `voice_field` are the request fields they came from (`text_input`/`voice`,
+    `first_text_input`/`voice1`, ...), named in any error about them.
+    """
+
+    text: str
+    voice: str  # a hosted voice name or a Kokoro voice id (`model.speech.voices`)
+    text_field: str
+    voice_field: str
+
+
 @dataclass
 class GenerationRequest:
-    """One video: local input files, the output path, and the contract's options (names as the hosted API's)."""
+    """One video: local input files (or texts to speak), the output path, and the contract's options (names as
+    the hosted API's)."""
 
     image: Path  # image_url
-    audio: Sequence[Path]  # first_audio_url[, second_audio_url]: person 1 (left), person 2 (right)
+    audio: Sequence[Path]  # person 1 (left), person 2 (right); empty when `speech` gives what they say as text
     output: Path
     prompt: str = PROMPT.default
     num_frames: int = NUM_FRAMES.default
@@ -65,37 +86,61 @@ class GenerationRequest:
     teacache_threshold: float | None = TEACACHE_THRESHOLD.default
     color_correction_strength: float = COLOR_CORRECTION.default
     frame_size: tuple[int, int] | None = FRAME_SIZE.default
+    speech: Sequence[SpokenText] = ()  # the text endpoints: person 1's, then person 2's text and voice
+    audio_fields: Sequence[str] = (FIRST_AUDIO.name, SECOND_AUDIO.name)  # the request field of each audio file
 
     @classmethod
-    def from_inputs(cls, files: Mapping[str, Path], output: Path, options: Mapping[str, Any]) -> GenerationRequest:
-        """From the contract's media field names (`image_url`, `first_audio_url`, ...) mapped to local files."""
-        audio = [Path(files[name]) for name in AUDIO_FIELDS if files.get(name) is not None]
-        return cls(image=Path(files["image_url"]), audio=audio, output=Path(output), **options)
+    def from_inputs(cls, files: Mapping[str, Path], output: Path, options: Mapping[str, Any],
+                    speech: Sequence[SpokenText | Mapping[str, str]] = ()) -> GenerationRequest:
+        """From the contract's media field names (`image_url`, `first_audio_url`, ...) mapped to local files, and
+        the texts to speak (as `SpokenText`s or their fields)."""
+        audio_fields = tuple(name for name in AUDIO_FIELDS if files.get(name) is not None)
+        spoken = tuple(s if isinstance(s, SpokenText) else SpokenText(**s) for s in speech)
+        return cls(image=Path(files["image_url"]), audio=[Path(files[name]) for name in audio_fields],
+                   output=Path(output), speech=spoken, audio_fields=audio_fields, **options)
 
     @property
     def speakers(self) -> int:
-        return speaker_count(len(self.audio) > 1, self.use_only_first_audio)
+        return speaker_count(len(self.audio) + len(self.speech) > 1, self.use_only_first_audio)
 
     @property
     def speaker_audio(self) -> list[tuple[Path, str]]:
         """The audio files that are used, in speaker order, with the request field each came from."""
-        return list(zip(self.audio, AUDIO_FIELDS))[: self.speakers]
+        return list(zip(self.audio, self.audio_fields))[: self.speakers]
+
+    @property
+    def spoken_texts(self) -> list[SpokenText]:
+        """The texts that are spoken, in speaker order."""
+        return list(self.speech[: self.speakers])
 
     def check(self) -> None:
         """Raise InputError naming the first field whose value the contract does not accept."""
         for option in OPTION_FIELDS:
             option.check(getattr(self, option.name))
-        if not 1 <= len(self.audio) <= len(AUDIO_FIELDS):
-            raise InputError(AUDIO_FIELDS[-1], f"one or two audio tracks are supported, got {len(self.audio)}")
+        if self.audio and self.speech:
+            raise InputError(self.speech[0].text_field, "give each person's speech as audio or as text, not both")
+        speakers = len(self.audio) or len(self.speech)
+        if not 1 <= speakers <= 2:
+            field = self.audio_fields[-1] if self.audio else self.speech[-1].text_field if self.speech else \
+                FIRST_AUDIO.name
+            raise InputError(field, f"one or two people's speech (audio or text) is needed, got {speakers}")
+        for spoken in self.speech:
+            FIELDS[spoken.text_field].check(spoken.text)
+            FIELDS[spoken.voice_field].check(spoken.voice)
+        too_long = speech_length_problem([(s.text_field, s.text) for s in self.spoken_texts], self.num_frames,
+                                         VIDEO_FPS)
+        if too_long is not None:
+            raise InputError(*too_long)
 
 
-OPTION_NAMES = frozenset(f.name for f in fields(GenerationRequest)) - {"image", "audio", "output"}
+OPTION_NAMES = frozenset(f.name for f in fields(GenerationRequest)) - {"image", "audio", "output", "speech",
+                                                                       "audio_fields"}
 assert OPTION_NAMES == {f.name for f in OPTION_FIELDS}, "GenerationRequest must take exactly the contract's options"
 
 
 @dataclass
 class Progress:
-    stage: str  # "inputs", "encode", "sampling", "finishing"
+    stage: str  # "speech", "inputs", "encode", "sampling", "finishing"
     message: str
     clip: int = 0  # 1-based while sampling
     clips: int = 0

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from model.media.audio_input import SAMPLE_RATE, VIDEO_FPS
+from model.contract.fields import VIDEO_FPS
+from model.media.audio_input import SAMPLE_RATE
 from model.runtime.tf32 import tf32_disabled
 
 

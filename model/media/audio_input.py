@@ -31,10 +31,10 @@ import numpy as np
 import pyloudnorm
 
 from model.contract.errors import InputError
+from model.contract.fields import VIDEO_FPS
 from model.media.audio_decode import MAX_SECONDS, decode_audio
 
 SAMPLE_RATE = 16000
-VIDEO_FPS = 25
 SAMPLES_PER_FRAME = SAMPLE_RATE // VIDEO_FPS  # 640
 TARGET_LUFS = -23.0
 

@@ -9,6 +9,8 @@ Layout `multitalk` (the MultiTalk README):
 Layout `diffusers`:
     Wan2.1-I2V-14B-480P-Diffusers/  transformer/, text_encoder/, tokenizer/, image_encoder/, vae/
     MeiGen-MultiTalk/multitalk.safetensors and chinese-wav2vec2-base/ as above.
+Both: Kokoro-82M/ config.json, kokoro-v1_0.pth, voices/*.pt (speech synthesis for the text endpoints,
+loaded by the first request that needs it: `model.speech.synthesis`).
 
 MultiTalk's replacement index (base keys → Wan shards, adapter keys → multitalk.safetensors) is read
 from `MeiGen-MultiTalk/` where it was published; the README's step of swapping it into the Wan
@@ -32,6 +34,8 @@ from model.encoders.text_encoder import WanTextEncoder, load_umt5_from_original,
 from model.encoders.vae import WanVAE, load_vae_from_original, load_vae_from_pretrained
 from model.network.configs import heads_from_config, transformer_config_from_shapes
 from model.network.transformer_multitalk import MultiTalkTransformer3DModel, is_adapter_parameter
+from model.speech import synthesis
+from model.speech.voices import LOCAL_VOICES
 from model.weights.keymaps import TensorRule, audio_key_to_ours, is_original_audio_key, original_dit_key_map
 from model.weights.streaming import CheckpointFiles, WeightsError, load_into_empty_model, plan_problems
 
@@ -290,6 +294,13 @@ def inspect_weights(root: Path, kind: str | None = None) -> dict:
         }
     except (WeightsError, KeyError, ValueError) as exc:
         report["problems"].append(f"transformer: {exc}")
+    speech = Path(root) / synthesis.KOKORO_DIR
+    report["files"]["speech"] = str(speech)
+    missing = synthesis.missing_files(speech) + [
+        f"{synthesis.VOICES_DIR}/{voice}.pt" for voice in LOCAL_VOICES
+        if not (speech / synthesis.VOICES_DIR / f"{voice}.pt").is_file()]
+    if missing:
+        report["problems"].append(f"speech (Kokoro-82M, for the text endpoints): {speech} lacks {', '.join(missing)}")
     report["ok"] = not report["problems"]
     return report
 

@@ -4,7 +4,8 @@ Kept in code (not fetched from a listing) so that `multitalk weights download --
 exactly what will be downloaded without a network, and so that nothing the loader does not read is
 fetched: the Wan repos also hold READMEs, example assets and an unused CLIP text tokenizer
 (`xlm-roberta-large/`); MultiTalk's repo holds int8 models; wav2vec2's main branch holds a `.bin`
-and a fairseq checkpoint that the `refs/pr/1` safetensors replace.
+and a fairseq checkpoint that the `refs/pr/1` safetensors replace; Kokoro's repo holds voices in
+languages the text endpoints do not speak.
 
 Sources: spec §1 (MULTITALK_REFERENCE.md), the MultiTalk README ("Model Preparation" and the
 FusioniX / lightx2v links), `model/weights/layout.py` and `weights/README.md`. The shard counts of
@@ -26,10 +27,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.speech.voices import LOCAL_VOICES
+
 WAN_ORIGINAL_DIR = "Wan2.1-I2V-14B-480P"
 WAN_DIFFUSERS_DIR = "Wan2.1-I2V-14B-480P-Diffusers"
 MULTITALK_DIR = "MeiGen-MultiTalk"
 WAV2VEC_DIR = "chinese-wav2vec2-base"
+KOKORO_DIR = "Kokoro-82M"
 LORA_DIR = "loras"
 
 
@@ -90,9 +94,16 @@ WAV2VEC_CONFIG = RepoFiles(
 )
 WAV2VEC_WEIGHTS = RepoFiles("TencentGameMate/chinese-wav2vec2-base", "refs/pr/1", WAV2VEC_DIR, ("model.safetensors",))
 
+# Speech synthesis for the text endpoints (≈ 330 MB): the v1.0 model and its English voices, the ones
+# `model.speech.voices` offers (the repo also holds other languages' voices and a v0.19 model).
+KOKORO = RepoFiles(
+    "hexgrad/Kokoro-82M", "main", KOKORO_DIR,
+    ("config.json", "kokoro-v1_0.pth", *(f"voices/{voice}.pt" for voice in LOCAL_VOICES)),
+)
+
 LAYOUTS: dict[str, tuple[RepoFiles, ...]] = {
-    "multitalk": (WAN_ORIGINAL, MULTITALK_ORIGINAL, WAV2VEC_CONFIG, WAV2VEC_WEIGHTS),
-    "diffusers": (WAN_DIFFUSERS, MULTITALK_ADAPTER, WAV2VEC_CONFIG, WAV2VEC_WEIGHTS),
+    "multitalk": (WAN_ORIGINAL, MULTITALK_ORIGINAL, WAV2VEC_CONFIG, WAV2VEC_WEIGHTS, KOKORO),
+    "diffusers": (WAN_DIFFUSERS, MULTITALK_ADAPTER, WAV2VEC_CONFIG, WAV2VEC_WEIGHTS, KOKORO),
 }
 
 # Repo ids and file names from the links in the MultiTalk README (July 2025); revisions are not pinned

@@ -9,8 +9,8 @@ then written:
 - layout `multitalk`: `Wan2.1-I2V-14B-480P/` in Wan's original formats (sharded original-key DiT,
   `.pth` T5 in bf16, `.pth` CLIP in fp16, `.pth` VAE), named back through the loader's own key maps;
 
-plus `MeiGen-MultiTalk/` (audio adapter + replacement index) and `chinese-wav2vec2-base/`, shared by
-both layouts. The same seed gives the same numbers in both layouts (values are rounded to the dtype
+plus `MeiGen-MultiTalk/` (audio adapter + replacement index), `chinese-wav2vec2-base/` and
+`Kokoro-82M/` (speech synthesis: config, `kokoro-v1_0.pth`, `voices/*.pt`), shared by both layouts. The same seed gives the same numbers in both layouts (values are rounded to the dtype
 of the original files first), so both load to identical models. `write_tiny_lora` writes a random
 LoRA for such a transformer in the key format of the published distilled LoRAs.
 """
@@ -40,6 +40,8 @@ from transformers import (
 )
 
 from model.network.transformer_multitalk import MultiTalkTransformer3DModel
+from model.speech import synthesis
+from model.speech.voices import LOCAL_VOICES
 from model.weights.keymaps import (
     is_original_audio_key,
     original_dit_key_map,
@@ -48,7 +50,12 @@ from model.weights.keymaps import (
     original_t5_keys,
     original_vae_keys_for,
 )
-from model.weights.layout import MULTITALK_DIR, WAN_DIFFUSERS_DIR, WAN_ORIGINAL_DIR, WAV2VEC_DIR
+from model.weights.layout import (
+    MULTITALK_DIR,
+    WAN_DIFFUSERS_DIR,
+    WAN_ORIGINAL_DIR,
+    WAV2VEC_DIR,
+)
 
 DIT_SHARDS_ORIGINAL = 7  # the published Wan2.1-I2V-14B-480P has 7 DiT shards
 DIT_SHARDS_DIFFUSERS = 3
@@ -69,6 +76,21 @@ TINY_VOCAB = (
     "overall gray worst quality low jpeg compression residue ugly incomplete extra fingers poorly drawn hands faces "
     "deformed disfigured misshapen limbs fused still picture messy background three legs many walking backwards"
 ).split()
+
+# Kokoro's decoder and generator widths are fixed in its code (1024/512 channels), so its tiny version stays large
+# (≈ 58 M parameters, stored in fp16); the rest is small. `max_dur` 4 makes ≈ 0.05 s of speech per phoneme, about
+# the real model's rate, so tiny speech fits the video as real speech would.
+TINY_KOKORO = {
+    "istftnet": {"upsample_kernel_sizes": [20, 12], "upsample_rates": [10, 6], "gen_istft_hop_size": 5,
+                 "gen_istft_n_fft": 20, "resblock_dilation_sizes": [[1, 3, 5]], "resblock_kernel_sizes": [3],
+                 "upsample_initial_channel": 512},
+    "dim_in": 64, "dropout": 0.2, "hidden_dim": 512, "max_conv_dim": 512, "max_dur": 4, "multispeaker": True,
+    "n_layer": 1, "n_mels": 80, "style_dim": 128, "text_encoder_kernel_size": 5,
+    "plbert": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 512,
+               "num_hidden_layers": 1, "dropout": 0.1},
+}
+# The symbols misaki's English G2P writes (punctuation, stress marks, its vowels and consonants).
+TINY_PHONEMES = ';:,.!?—…"()“” ˈˌːᵊAIOQWYabdfhijklmnpstuvwzæðŋɑɒɔəɛɜɡɪɹɾʃʊʌʒʤʧθᵻ'
 
 
 def _perturb(module: torch.nn.Module, generator: torch.Generator) -> None:
@@ -126,6 +148,29 @@ def build_tiny_components(seed: int) -> dict[str, torch.nn.Module]:
     return {"t5": t5.eval(), "clip": clip.eval(), "vae": vae.eval(), "wav2vec2": wav2vec2.eval(), "dit": dit.eval()}
 
 
+def write_tiny_kokoro(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Kokoro-82M in its published layout: `config.json`, `kokoro-v1_0.pth`, `voices/<id>.pt`."""
+    from kokoro import KModel
+
+    folder = Path(folder)
+    (folder / synthesis.VOICES_DIR).mkdir(parents=True, exist_ok=True)
+    vocab = {symbol: i + 1 for i, symbol in enumerate(TINY_PHONEMES)}
+    config = {**TINY_KOKORO, "n_token": len(vocab) + 1, "vocab": vocab}
+    (folder / synthesis.CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    model_file = folder / synthesis.MODEL_FILE
+    torch.save({}, model_file)  # KModel loads every part the file holds: none, so it keeps its random init
+    generator = _seeded(seed, 6)
+    model = KModel(repo_id=synthesis.REPO_ID, config=str(folder / synthesis.CONFIG_FILE), model=str(model_file))
+    _perturb(model, generator)
+    parts = ("bert", "bert_encoder", "predictor", "text_encoder", "decoder")
+    torch.save({part: {k: v.half() for k, v in getattr(model, part).state_dict().items()} for part in parts},
+               model_file)
+    for voice in LOCAL_VOICES:  # the published packs are [510, 1, 256]: 510 rows of (decoder, prosody) styles
+        torch.save(torch.randn(510, 1, 2 * TINY_KOKORO["style_dim"], generator=generator) * 0.2,
+                   folder / synthesis.VOICES_DIR / f"{voice}.pt")
+    return folder
+
+
 def write_tiny_weights(out: Path, layout: str = "multitalk", seed: int = 0) -> Path:
     """Write a tiny checkpoint set in `layout` under `out`; returns `out`."""
     if layout not in ("multitalk", "diffusers"):
@@ -133,6 +178,7 @@ def write_tiny_weights(out: Path, layout: str = "multitalk", seed: int = 0) -> P
     out = Path(out)
     parts = build_tiny_components(seed)
     _write_wav2vec2(parts["wav2vec2"], out / WAV2VEC_DIR)
+    write_tiny_kokoro(out / synthesis.KOKORO_DIR, seed)
     if layout == "multitalk":
         wan = out / WAN_ORIGINAL_DIR
         write_original_transformer(parts["dit"], wan, out / MULTITALK_DIR, DIT_SHARDS_ORIGINAL)
@@ -177,7 +223,7 @@ def cached_tiny_weights(cache_root: Path | None = None, seed: int = 0) -> Path:
     so an interrupted first run never leaves a half-written cache behind.
     """
     root = Path(cache_root or os.environ.get("MULTITALK_CACHE") or Path.home() / ".cache" / "multitalk")
-    final = root / f"tiny-weights-seed{seed}"
+    final = root / f"tiny-weights-v2-seed{seed}"  # v2: with Kokoro-82M
     if final.is_dir():
         return final
     root.mkdir(parents=True, exist_ok=True)

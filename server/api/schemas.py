@@ -1,8 +1,8 @@
-"""The wire models of `fal-ai/ai-avatar/multi`: request, result, and the queue's bodies.
+"""The wire models of fal's ai-avatar endpoints: requests, result, and the queue's bodies.
 
-The request model is generated from the request contract (`model.contract.fields`): the fields an
-`Endpoint` exposes, in its order, with its defaults, so an unmodified fal client's JSON validates here
-exactly as it does on fal; the extension fields (not in the hosted schema, never sent by fal clients)
+Each endpoint's request model is generated from the request contract (`model.contract.fields`): the
+fields its `Endpoint` exposes, in its order, with its defaults, so an unmodified fal client's JSON
+validates here exactly as it does on fal; the extension fields (not in the hosted schema, never sent by fal clients)
 say so in their description. Validation is pydantic's lax mode, the one fal's own FastAPI apps use,
 so numeric strings ("181") and integral floats (181.0) are accepted as numbers; the one exception is
 that JSON booleans are refused where an integer is expected (lax mode would read `true` as 1, and
@@ -15,7 +15,7 @@ contract's options as `model.contract.request.GenerationRequest` takes them.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -33,20 +33,24 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from model.contract.errors import InputError
 from model.contract.fields import (
+    AVATAR,
     AVATAR_MULTI,
+    AVATAR_MULTI_TEXT,
+    AVATAR_SINGLE_TEXT,
+    IMAGE,
     MAX_DATA_URI_CHARS,
     MAX_URL_CHARS,
-    MEDIA_FIELDS,
     MEDIA_KINDS,
+    NUM_FRAMES,
     OPTION_FIELDS,
-    SECOND_AUDIO,
     SEED,
     SPEAKER_BOXES,
-    USE_ONLY_FIRST_AUDIO,
+    VIDEO_FPS,
     Endpoint,
     RequestField,
-    speaker_count,
+    SpeakerInput,
 )
+from model.speech.text_rules import speech_length_problem
 
 URL_SCHEMES = ("http", "https", "data")
 
@@ -87,13 +91,14 @@ MediaUrl = Annotated[str, StringConstraints(min_length=1), AfterValidator(_check
 
 
 def _plain_text(spec: RequestField) -> AfterValidator:
-    """The contract's own check of a text (control characters), so HTTP and the CLI refuse the same prompts."""
+    """The contract's own check of a text (control characters; for a text to speak, what the voices can read), so
+    HTTP and the CLI refuse the same texts."""
 
     def check(value: str) -> str:
         try:
             spec.check(value)
         except InputError as error:
-            raise PydanticCustomError("control_character", "{reason}", {"reason": error.reason}) from None
+            raise PydanticCustomError(error.kind, "{reason}", {"reason": error.reason}) from None
         return value
 
     return AfterValidator(check)
@@ -125,7 +130,7 @@ def _annotation(spec: RequestField) -> Any:
         annotation = Annotated[float, Field(**_bounds(spec))]
     elif spec.kind == "choice":
         annotation = Literal[spec.choices]
-    elif spec.kind == "text":
+    elif spec.kind in ("text", "speech"):
         annotation = Annotated[str, StringConstraints(max_length=spec.max_length), _plain_text(spec)]
     elif spec.kind in MEDIA_KINDS:
         # `_check_media_url` enforces the length (a data URI's error says to upload instead), the schema shows it
@@ -145,34 +150,51 @@ def _description(spec: RequestField, endpoint: Endpoint) -> str:
     return text if spec.hosted else f"Extension. {text}"
 
 
-class _EndpointInput(BaseModel):
-    """What every endpoint's input model shares: unknown fields ignored (as fal), one box per speaker."""
+def _field_error(model: type[BaseModel], name: str, value: Any, error: PydanticCustomError) -> ValidationError:
+    """A validation error of the whole model that names one field, for rules that read several fields."""
+    details = InitErrorDetails(type=error, loc=(name,), input=value)
+    return ValidationError.from_exception_data(model.__name__, [details])
+
+
+class EndpointInput(BaseModel):
+    """What every endpoint's input model shares: unknown fields ignored (as fal), one box per speaker, texts that fit
+    the video. `endpoint` is the contract's `Endpoint` the model was made from."""
 
     model_config = ConfigDict(extra="ignore")
+    endpoint: ClassVar[Endpoint]
 
     @model_validator(mode="after")
-    def _one_box_per_speaker(self) -> _EndpointInput:
-        """Checked on the model because the count depends on two other fields; the error still names `speaker_boxes`."""
+    def _one_box_per_speaker(self) -> EndpointInput:
+        """Checked on the model because the count depends on other fields; the error still names `speaker_boxes`."""
         boxes = getattr(self, SPEAKER_BOXES.name, None)
         if boxes is not None and len(boxes) != self.speakers:
-            error = InitErrorDetails(
-                type=PydanticCustomError(
-                    "box_count", "needs one box per speaker: {expected} expected, {given} given",
-                    {"expected": self.speakers, "given": len(boxes)},
-                ),
-                loc=(SPEAKER_BOXES.name,),
-                input=boxes,
-            )
-            raise ValidationError.from_exception_data(type(self).__name__, [error])
+            raise _field_error(type(self), SPEAKER_BOXES.name, boxes, PydanticCustomError(
+                "box_count", "needs one box per speaker: {expected} expected, {given} given",
+                {"expected": self.speakers, "given": len(boxes)}))
+        return self
+
+    @model_validator(mode="after")
+    def _texts_fit_the_video(self) -> EndpointInput:
+        """The texts to speak, in turn, within the speaking-rate limit of `num_frames` (the worker's own rule)."""
+        texts = [(speaker.text.name, getattr(self, speaker.text.name)) for speaker in self.speakers_used
+                 if speaker.text is not None]
+        too_long = speech_length_problem(texts, getattr(self, NUM_FRAMES.name), VIDEO_FPS)
+        if too_long is not None:
+            name, reason = too_long
+            raise _field_error(type(self), name, getattr(self, name),
+                               PydanticCustomError("text_too_long", "{reason}", {"reason": reason}))
         return self
 
     @property
+    def speakers_used(self) -> tuple[SpeakerInput, ...]:
+        return self.endpoint.speakers_used(self.__dict__)
+
+    @property
     def speakers(self) -> int:
-        return speaker_count(getattr(self, SECOND_AUDIO.name, None) is not None,
-                             getattr(self, USE_ONLY_FIRST_AUDIO.name, False))
+        return len(self.speakers_used)
 
 
-def endpoint_input_model(endpoint: Endpoint, name: str) -> type[_EndpointInput]:
+def endpoint_input_model(endpoint: Endpoint, name: str) -> type[EndpointInput]:
     """The pydantic input model of `endpoint`, field for field from the request contract."""
     definitions: dict[str, Any] = {}
     for spec in endpoint.fields:
@@ -181,25 +203,37 @@ def endpoint_input_model(endpoint: Endpoint, name: str) -> type[_EndpointInput]:
         definitions[spec.name] = (_annotation(spec), Field(default, description=_description(spec, endpoint), **extra))
     example = {spec.name: spec.example if spec.example is not None else endpoint.default(spec)
                for spec in endpoint.fields if spec.hosted}
-    model = create_model(name, __base__=_EndpointInput, __doc__=f"Input of `{endpoint.app_id}`: {endpoint.title}.",
+    model = create_model(name, __base__=EndpointInput, __doc__=f"Input of `{endpoint.app_id}`: {endpoint.title}.",
                          __module__=__name__, **definitions)
+    model.endpoint = endpoint
     model.model_config["json_schema_extra"] = {"examples": [example]}
     return model
 
 
+AvatarInput = endpoint_input_model(AVATAR, "AvatarInput")
+AvatarSingleTextInput = endpoint_input_model(AVATAR_SINGLE_TEXT, "AvatarSingleTextInput")
 AvatarMultiInput = endpoint_input_model(AVATAR_MULTI, "AvatarMultiInput")
+AvatarMultiTextInput = endpoint_input_model(AVATAR_MULTI_TEXT, "AvatarMultiTextInput")
+INPUT_MODELS: tuple[type[EndpointInput], ...] = (AvatarInput, AvatarSingleTextInput, AvatarMultiInput,
+                                                 AvatarMultiTextInput)
 
 
-def media_inputs(inp: _EndpointInput) -> dict[str, str]:
-    """The media fields the request uses, by contract name: a second audio that is switched off is left out."""
-    used = {spec.name: getattr(inp, spec.name) for spec in MEDIA_FIELDS if getattr(inp, spec.name, None) is not None}
-    if inp.speakers < 2:
-        used.pop(SECOND_AUDIO.name, None)
-    return used
+def media_inputs(inp: EndpointInput) -> dict[str, str]:
+    """The media fields the request uses, by contract name: the image, and the audio of the speakers animated (a
+    second audio that is switched off is left out)."""
+    used = [IMAGE.name, *(speaker.audio.name for speaker in inp.speakers_used if speaker.audio is not None)]
+    return {name: getattr(inp, name) for name in used}
 
 
-def to_generation_options(inp: _EndpointInput, seed: int) -> dict[str, Any]:
-    """The contract's options of `inp` (everything but the media), as `GenerationRequest` takes them.
+def spoken_texts(inp: EndpointInput) -> list[dict[str, str]]:
+    """The texts the request has spoken, in speaker order, as `model.contract.request.SpokenText`'s fields."""
+    return [{"text": getattr(inp, speaker.text.name), "voice": getattr(inp, speaker.voice.name),
+             "text_field": speaker.text.name, "voice_field": speaker.voice.name}
+            for speaker in inp.speakers_used if speaker.text is not None and speaker.voice is not None]
+
+
+def to_generation_options(inp: EndpointInput, seed: int) -> dict[str, Any]:
+    """The contract's options of `inp` (everything but the media and texts), as `GenerationRequest` takes them.
 
     `seed` is the one the job actually uses (`inp.seed`, or the draw made when it was null), so the
     job can record it before the run and return it in the result.
@@ -217,8 +251,8 @@ class File(BaseModel):
     file_size: int | None = Field(None, description="Size in bytes.")
 
 
-class AvatarMultiOutput(BaseModel):
-    """Output of `fal-ai/ai-avatar/multi`."""
+class AvatarOutput(BaseModel):
+    """Output of every ai-avatar endpoint."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "video": {"url": "https://example.com/files/3f2c.mp4", "content_type": "video/mp4",

@@ -15,9 +15,10 @@ depends on a URL that may change or expire, retries use the same bytes, and job 
 (no inline data URIs). A null seed is drawn here for the same reason: every attempt of a job uses
 the same seed.
 
-The job's input is `{"options": ..., "files": ...}`: the request's options as the contract names them
-(`GenerationRequest` takes them as they are) and the ids of the stored inputs by field. A worker
-builds its request from these alone and reads the files from the store; it never fetches a URL.
+The job's input is `{"options": ..., "files": ...}`, plus `"speech"` for the text endpoints: the
+request's options as the contract names them (`GenerationRequest` takes them as they are), the ids
+of the stored inputs by field, and the texts to speak with their voices (`SpokenText`'s fields). A
+worker builds its request from these alone and reads the files from the store; it never fetches a URL.
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ from model.media.audio_decode import check_audio_decodes
 from model.media.image_input import load_image
 from server.api.errors import RequestError
 from server.api.public_urls import rebase_url
-from server.api.schemas import AvatarMultiInput, media_inputs, to_generation_options
+from server.api.schemas import EndpointInput, media_inputs, spoken_texts, to_generation_options
 from server.files.fetch import FetchSettings, fetch_input
 from server.files.scratch import process_scratch
 from server.files.store import FileStore
 from server.jobs import Job, QueueFull
-from server.services import APP_ID, Services
+from server.services import Services
 
 RETRY_AFTER_S = 30  # what a 429 suggests; a queue slot frees up when a job finishes
 
@@ -60,8 +61,8 @@ class _FilesSeenFrom:
 _CHECK_DECODES: dict[str, Callable[[Path, str], object]] = {"image": load_image, "audio": check_audio_decodes}
 
 
-async def stage_inputs(inp: AvatarMultiInput, files: FileStore, fetch: FetchSettings, base_url: str) -> dict:
-    """The job's stored input: the contract's options with the seed fixed, and the ids of the kept media."""
+async def stage_inputs(inp: EndpointInput, files: FileStore, fetch: FetchSettings, base_url: str) -> dict:
+    """The job's stored input: the contract's options with the seed fixed, the ids of the kept media, the texts."""
     media = media_inputs(inp)
     workdir = await run_in_threadpool(process_scratch().make_dir, "submit-")
     try:
@@ -84,10 +85,12 @@ async def stage_inputs(inp: AvatarMultiInput, files: FileStore, fetch: FetchSett
             raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"options": to_generation_options(inp, seed_or_random(inp.seed)), "files": kept_ids}
+    speech = spoken_texts(inp)
+    return {"options": to_generation_options(inp, seed_or_random(inp.seed)), "files": kept_ids,
+            **({"speech": speech} if speech else {})}
 
 
-async def accept(inp: AvatarMultiInput, services: Services, base_url: str, webhook_url: str | None = None,
+async def accept(inp: EndpointInput, services: Services, base_url: str, webhook_url: str | None = None,
                  max_queue: int | None = None, owner: str | None = None) -> Job:
     """Queue the request; 422 for unusable inputs (InputError), 429 when the queue is full.
 
@@ -103,7 +106,8 @@ async def accept(inp: AvatarMultiInput, services: Services, base_url: str, webho
         raise _queue_full(f"the queue already holds {limit} jobs (its limit); try again later")
     stored_input = await stage_inputs(inp, services.files, services.fetch, base_url)
     try:
-        return await run_in_threadpool(services.store.submit, APP_ID, stored_input, webhook_url, limit, owner)
+        return await run_in_threadpool(services.store.submit, inp.endpoint.app_id, stored_input, webhook_url, limit,
+                                       owner)
     except BaseException as exc:
         for file_id in stored_input["files"].values():
             services.files.delete(file_id)

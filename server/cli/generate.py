@@ -1,5 +1,8 @@
-"""`multitalk generate`: one video from local files, with a progress bar.
+"""`multitalk generate`: one video from local files (or texts to speak), with a progress bar.
 
+Its inputs are those of the two-person endpoints: `--image`, then each person's speech as an audio file
+(`--audio`, `--audio2`: `fal-ai/ai-avatar/multi`) or as a text read in a voice (`--text`, `--text2`,
+`--voice`, `--voice2`: `fal-ai/ai-avatar/multi-text`); one person when only the first is given.
 The same `Pipeline` the server uses; `--weights tiny` runs the seeded tiny checkpoints (written to
 the user cache on first use), which makes random-looking but correctly shaped videos on any CPU.
 """
@@ -12,10 +15,25 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from model.contract.fields import MEDIA_FIELDS, MEDIA_KINDS, OPTION_FIELDS, SEED, SPEAKER_PLACEMENT, RequestField
+from model.contract.fields import (
+    AVATAR_MULTI,
+    AVATAR_MULTI_TEXT,
+    IMAGE,
+    MEDIA_KINDS,
+    OPTION_FIELDS,
+    SEED,
+    SPEAKER_PLACEMENT,
+    RequestField,
+)
 from model.runtime.execution import OFFLOAD_MODES, WEIGHT_MODES, ExecutionOptions
 
 logger = logging.getLogger("multitalk.generate")
+
+# Each person's speech: audio files as the multi endpoint takes them, or texts and voices as multi-text does.
+AUDIO_SOURCES = tuple(speaker.audio for speaker in AVATAR_MULTI.speakers)
+TEXT_SOURCES = tuple(speaker for speaker in AVATAR_MULTI_TEXT.speakers)
+SPEECH_FLAG_FIELDS: tuple[RequestField, ...] = (
+    *AUDIO_SOURCES, *(speaker.text for speaker in TEXT_SOURCES), *(speaker.voice for speaker in TEXT_SOURCES))
 
 
 def _flag_type(spec: RequestField) -> Callable[[str], Any]:
@@ -30,28 +48,34 @@ def _flag_type(spec: RequestField) -> Callable[[str], Any]:
     return parse
 
 
-def add_request_flags(group: argparse._ActionsContainer, spec: RequestField) -> None:
-    """One contract field as a flag: local files for the media, the field's type, choices and default."""
+def add_request_flags(group: argparse._ActionsContainer, spec: RequestField, required: bool | None = None) -> None:
+    """One contract field as a flag: local files for the media, the field's type, choices and default.
+    `required` overrides the field's own (a person's speech may be an audio file or a text)."""
     limits = f" ({spec.limits})" if spec.limits and not spec.choices else ""
     common = {"dest": spec.name, "help": spec.help + limits}
+    required = spec.required if required is None else required
     if spec.kind in MEDIA_KINDS:
-        group.add_argument(spec.cli_flag, type=Path, required=spec.required, metavar="FILE", **common)
+        group.add_argument(spec.cli_flag, type=Path, required=required, metavar="FILE", **common)
     elif spec.kind == "bool":
         group.add_argument(spec.cli_flag, action="store_true", **common)
-    elif spec.kind == "choice":
-        group.add_argument(spec.cli_flag, choices=spec.choices, default=spec.default, **common)
+    elif spec.kind == "choice":  # a long list (the voices) is named in the help rather than the usage line
+        metavar = spec.name.upper() if len(spec.choices) > 8 else None
+        group.add_argument(spec.cli_flag, choices=spec.choices, default=spec.default, metavar=metavar, **common)
     elif spec.kind == "boxes":  # one flag per speaker, in audio order
         group.add_argument(spec.cli_flag, type=_flag_type(spec), action="append", metavar="X_MIN,Y_MIN,X_MAX,Y_MAX",
                            **common)
     else:
-        group.add_argument(spec.cli_flag, type=_flag_type(spec), default=spec.default, required=spec.required,
-                           **common)
+        group.add_argument(spec.cli_flag, type=_flag_type(spec), default=spec.default, required=required, **common)
 
 
 def add_generate_parser(commands) -> None:
     gen = commands.add_parser("generate", help="make one talking video from an image and speech",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for spec in (*MEDIA_FIELDS, *OPTION_FIELDS):
+    add_request_flags(gen, IMAGE)
+    speech = gen.add_argument_group("speech of person 1 (left) and person 2 (right): audio files, or texts to speak")
+    for spec in SPEECH_FLAG_FIELDS:
+        add_request_flags(speech, spec, required=False)
+    for spec in OPTION_FIELDS:
         if spec.hosted:
             add_request_flags(gen, spec)
     gen.add_argument("--out", type=Path, required=True, help="output .mp4")
@@ -80,7 +104,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from model.contract.errors import GenerationCancelled, InputError
-    from model.contract.request import GenerationRequest
+    from model.contract.request import GenerationRequest, SpokenText
     from model.pipeline import Pipeline
     from model.weights.streaming import WeightsError
     from model.weights.tiny import cached_tiny_weights
@@ -101,9 +125,11 @@ def run_generate(args: argparse.Namespace) -> int:
         if rank:  # every rank decodes the same video; rank 0 writes it
             output = args.out.with_name(f".{args.out.stem}.rank{rank}.mp4")
     weights = cached_tiny_weights() if args.weights == "tiny" else Path(args.weights)
+    texts = [SpokenText(getattr(args, s.text.name), getattr(args, s.voice.name), s.text.name, s.voice.name)
+             for s in TEXT_SOURCES if getattr(args, s.text.name) is not None]
     request = GenerationRequest.from_inputs(
-        {spec.name: getattr(args, spec.name) for spec in MEDIA_FIELDS}, output,
-        {**{spec.name: getattr(args, spec.name) for spec in OPTION_FIELDS}, SEED.name: seed},
+        {spec.name: getattr(args, spec.name) for spec in (IMAGE, *AUDIO_SOURCES)}, output,
+        {**{spec.name: getattr(args, spec.name) for spec in OPTION_FIELDS}, SEED.name: seed}, texts,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -1,6 +1,6 @@
 """A worker: owns one GPU's pipeline, takes jobs from the shared store one at a time, runs them.
 
-Per job: build the `GenerationRequest` from the options and stored input files the API recorded
+Per job: build the `GenerationRequest` from the options, stored input files and texts the API recorded
 (`server.api.submission`; the worker never fetches a URL), run the pipeline with progress written to the job's logs and the store's cancel flag checked between
 steps, keep the lease alive from a side thread, then record the response the result URL returns:
 `{"status_code": 200, "body": {"video": File, "seed": n}}`, or the fal-format error body (422 for an
@@ -189,7 +189,8 @@ class Worker:
         workdir = self.scratch.make_dir(f"job-{job.id[:8]}-")
         try:
             request = GenerationRequest.from_inputs(self._stored_inputs(job), workdir / "output.mp4",
-                                                    {**job.input["options"], **self.settings.request_overrides})
+                                                    {**job.input["options"], **self.settings.request_overrides},
+                                                    job.input.get("speech", ()))
 
             def progress(event) -> None:
                 self._log(job, event.message)

@@ -2,10 +2,12 @@
 
 Submit uses the full model id; status, result and cancel use owner/app only, as fal does (the forms
 with the endpoint path are accepted too, for hand-built URLs). Requests whose Host starts with
-`queue.` reach these routes without the `/queue` prefix (see middleware.py).
-"""
+`queue.` reach these routes without the `/queue` prefix (see middleware.py). Every ai-avatar endpoint has
+its own submit route; they share the request routes, as on fal.
 
-from __future__ import annotations
+(No `from __future__ import annotations` here: each submit route's body type is its endpoint's input model,
+which FastAPI must see as a class, not as the name of a local variable.)
+"""
 
 import asyncio
 import json
@@ -23,9 +25,10 @@ from server.api.auth import OwnerDep, require_api_key
 from server.api.errors import RequestError, validation_error_response
 from server.api.public_urls import QUEUE_PREFIX, queue_urls
 from server.api.schemas import (
-    AvatarMultiInput,
-    AvatarMultiOutput,
+    INPUT_MODELS,
+    AvatarOutput,
     CancelResponse,
+    EndpointInput,
     QueueStatusResponse,
     QueueSubmitResponse,
 )
@@ -34,7 +37,7 @@ from server.api.views import result_response, status_body
 from server.jobs import COMPLETED, Job
 from server.jobs.failures import StoreOutage
 from server.jobs.webhooks import check_webhook_url
-from server.services import APP_ID, OWNER_APP, BaseUrlDep, ServicesDep, StoreDep
+from server.services import OWNER_APP, BaseUrlDep, ServicesDep, StoreDep
 
 logger = logging.getLogger("multitalk.api")
 router = APIRouter(prefix=QUEUE_PREFIX, tags=["queue"], dependencies=[Depends(require_api_key)])
@@ -82,19 +85,30 @@ def existing_job(request_id: RequestIdDep, store: StoreDep, owner: OwnerDep) -> 
 JobDep = Annotated[Job, Depends(existing_job)]
 
 
-@router.post(f"/{APP_ID}", response_model=QueueSubmitResponse, summary="Queue a generation")
-async def submit(
-    inp: AvatarMultiInput, services: ServicesDep, base_url: BaseUrlDep, response: Response, owner: OwnerDep,
-    fal_webhook: Annotated[str | None, Query(description="URL that receives the result when the request completes.")] = None,
-    fal_max_queue_length: Annotated[int | None, Query(ge=0, description="Refuse (429) when more are queued.")] = None,
-):
-    if fal_webhook is not None and (reason := check_webhook_url(fal_webhook, services.settings.fetch_allowed_hosts)):
-        return validation_error_response([{"loc": ("query", "fal_webhook"), "msg": reason, "type": "value_error",
-                                           "input": fal_webhook}])
-    job = await accept(inp, services, base_url, fal_webhook, fal_max_queue_length, owner)
-    response.headers["x-fal-request-id"] = job.id
-    position = await run_in_threadpool(services.store.queue_position, job.id)
-    return {"status": "IN_QUEUE", "queue_position": position, **queue_urls(base_url, OWNER_APP, job.id)}
+def _add_submit_route(input_model: type[EndpointInput]) -> None:
+    endpoint = input_model.endpoint
+
+    @router.post(f"/{endpoint.app_id}", response_model=QueueSubmitResponse, summary=f"{endpoint.title}: queue a "
+                 "generation")
+    async def submit(
+        inp: input_model, services: ServicesDep, base_url: BaseUrlDep, response: Response, owner: OwnerDep,
+        fal_webhook: Annotated[str | None, Query(description="URL that receives the result when the request "
+                                                             "completes.")] = None,
+        fal_max_queue_length: Annotated[int | None, Query(ge=0, description="Refuse (429) when more are "
+                                                                            "queued.")] = None,
+    ):
+        if fal_webhook is not None and (reason := check_webhook_url(fal_webhook,
+                                                                    services.settings.fetch_allowed_hosts)):
+            return validation_error_response([{"loc": ("query", "fal_webhook"), "msg": reason,
+                                               "type": "value_error", "input": fal_webhook}])
+        job = await accept(inp, services, base_url, fal_webhook, fal_max_queue_length, owner)
+        response.headers["x-fal-request-id"] = job.id
+        position = await run_in_threadpool(services.store.queue_position, job.id)
+        return {"status": "IN_QUEUE", "queue_position": position, **queue_urls(base_url, OWNER_APP, job.id)}
+
+
+for _model in INPUT_MODELS:
+    _add_submit_route(_model)
 
 
 def _job_routes(prefix: str, in_schema: bool) -> None:
@@ -115,7 +129,7 @@ def _job_routes(prefix: str, in_schema: bool) -> None:
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"x-fal-request-id": job.id, "cache-control": "no-cache"})
 
-    @router.get(f"{prefix}/requests/{{request_id}}", response_model=AvatarMultiOutput, include_in_schema=in_schema,
+    @router.get(f"{prefix}/requests/{{request_id}}", response_model=AvatarOutput, include_in_schema=in_schema,
                 summary="Result of a completed request")
     def result(job: JobDep, services: ServicesDep, base_url: BaseUrlDep):
         return result_response(job, services, base_url)
@@ -136,7 +150,9 @@ def _job_routes(prefix: str, in_schema: bool) -> None:
 
 
 _job_routes(f"/{OWNER_APP}", in_schema=True)
-_job_routes(f"/{APP_ID}", in_schema=False)
+for _model in INPUT_MODELS:  # the hand-built forms with an endpoint path
+    if _model.endpoint.app_id != OWNER_APP:
+        _job_routes(f"/{_model.endpoint.app_id}", in_schema=False)
 
 
 async def _status_events(job_id: str, store, base_url: str, with_logs: bool, request: Request) -> AsyncIterator[str]:

@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 
 from model.contract.errors import InputError
-from model.contract.fields import AVATAR_MULTI, MEDIA_FIELDS, OPTION_FIELDS, RequestField
+from model.contract.fields import ENDPOINTS, FIELDS, IMAGE, MEDIA_FIELDS, OPTION_FIELDS, SPEECH_FIELDS, RequestField
 from model.contract.request import GenerationRequest
-from server.api.schemas import AvatarMultiInput
-from server.cli.generate import add_generate_parser
+from server.api.schemas import INPUT_MODELS
+from server.cli.generate import SPEECH_FLAG_FIELDS, add_generate_parser
 
 from repo_paths import REPO_ROOT
 
@@ -29,27 +29,45 @@ def _actions() -> dict[str, argparse.Action]:
     return actions
 
 
-def test_the_http_schema_is_the_contract():
-    properties = AvatarMultiInput.model_json_schema()["properties"]
-    assert list(properties) == [f.name for f in AVATAR_MULTI.fields]
-    assert set(AvatarMultiInput.model_json_schema()["required"]) == {f.name for f in AVATAR_MULTI.fields if f.required}
-    for spec in AVATAR_MULTI.fields:
+@pytest.mark.parametrize("model", INPUT_MODELS, ids=lambda m: m.endpoint.app_id)
+def test_the_http_schema_is_the_contract(model):
+    endpoint = model.endpoint
+    properties = model.model_json_schema()["properties"]
+    assert list(properties) == [f.name for f in endpoint.fields]
+    assert set(model.model_json_schema()["required"]) == {f.name for f in endpoint.fields if f.required}
+    for spec in endpoint.fields:
         schema = properties[spec.name]
         value_schema = schema["anyOf"][0] if "anyOf" in schema else schema
         assert value_schema.get("minimum") == spec.minimum and value_schema.get("maximum") == spec.maximum, spec.name
         assert tuple(value_schema.get("enum", ())) == spec.choices, spec.name
         if not spec.required:
-            assert schema["default"] == AVATAR_MULTI.default(spec), spec.name
-    assert all(f.http for f in AVATAR_MULTI.fields)
-    assert {f.name for f in OPTION_FIELDS if f.http} <= set(properties)
+            assert schema["default"] == endpoint.default(spec), spec.name
+    assert all(f.http for f in endpoint.fields)
+    assert {f.name for f in OPTION_FIELDS if f.http and not f.hosted} - {"audio_mode"} <= set(properties)
+
+
+def test_every_endpoint_speaks_from_its_own_fields_and_the_hosted_defaults():
+    """fal's published schemas: the field each person's speech comes from, and each endpoint's defaults."""
+    sources = {e.app_id: [(s.source.name, s.voice.name if s.voice else None) for s in e.speakers] for e in ENDPOINTS}
+    assert sources == {
+        "fal-ai/ai-avatar": [("audio_url", None)],
+        "fal-ai/ai-avatar/single-text": [("text_input", "voice")],
+        "fal-ai/ai-avatar/multi": [("first_audio_url", None), ("second_audio_url", None)],
+        "fal-ai/ai-avatar/multi-text": [("first_text_input", "voice1"), ("second_text_input", "voice2")],
+    }
+    defaults = {e.app_id: (e.default(FIELDS["num_frames"]), e.default(FIELDS["seed"])) for e in ENDPOINTS}
+    assert defaults == {"fal-ai/ai-avatar": (145, 42), "fal-ai/ai-avatar/single-text": (136, 42),
+                        "fal-ai/ai-avatar/multi": (181, 81), "fal-ai/ai-avatar/multi-text": (191, 81)}
+    assert FIELDS["voice"].required and (FIELDS["voice1"].default, FIELDS["voice2"].default) == ("Sarah", "Roger")
 
 
 def test_the_generate_flags_are_the_contract():
     actions = _actions()
-    for spec in (*MEDIA_FIELDS, *OPTION_FIELDS):
+    for spec in (IMAGE, *SPEECH_FLAG_FIELDS, *OPTION_FIELDS):
         action = actions[spec.name]
         assert spec.cli_flag in action.option_strings, spec.name
-        assert action.required == spec.required, spec.name
+        # a person's speech is an audio file or a text: neither flag is required on its own
+        assert action.required == (spec.required and spec not in SPEECH_FLAG_FIELDS), spec.name
         if spec.kind not in ("image", "audio", "boxes"):
             assert action.default == spec.default, spec.name
         assert tuple(action.choices or ()) == spec.choices, spec.name
@@ -82,13 +100,14 @@ def test_the_pipeline_checks_the_contract(spec, tmp_path):
         assert error.value.field == spec.name and spec.limits in error.value.reason
 
 
-STRING_KINDS = ("text", "image", "audio")
+STRING_KINDS = ("text", "speech", "image", "audio")
 
 
-def test_every_string_field_has_a_length_limit_the_http_schema_shows():
-    properties = AvatarMultiInput.model_json_schema()["properties"]
-    for spec in (*MEDIA_FIELDS, *OPTION_FIELDS):
-        if spec.kind in STRING_KINDS:
+@pytest.mark.parametrize("model", INPUT_MODELS, ids=lambda m: m.endpoint.app_id)
+def test_every_string_field_has_a_length_limit_the_http_schema_shows(model):
+    properties = model.model_json_schema()["properties"]
+    for spec in (*MEDIA_FIELDS, *SPEECH_FIELDS, *OPTION_FIELDS):
+        if spec.kind in STRING_KINDS and spec in model.endpoint.fields:
             schema = properties[spec.name]
             assert spec.max_length and (schema.get("anyOf") or [schema])[0]["maxLength"] == spec.max_length, spec.name
 

@@ -27,6 +27,8 @@ from urllib.parse import parse_qs, unquote
 import pytest
 from huggingface_hub import constants, hf_hub_download
 
+from model.speech import synthesis
+from model.speech.voices import VOICE_CHOICES, local_voice
 from model.weights import manifest
 from model.weights.download import (
     STATE_DIR,
@@ -222,6 +224,10 @@ def test_manifest_places_files_where_the_loader_and_presets_look():
 
     assert (manifest.WAN_ORIGINAL_DIR, manifest.WAN_DIFFUSERS_DIR, manifest.MULTITALK_DIR, manifest.WAV2VEC_DIR) == (
         layout.WAN_ORIGINAL_DIR, layout.WAN_DIFFUSERS_DIR, layout.MULTITALK_DIR, layout.WAV2VEC_DIR)
+    assert manifest.KOKORO_DIR == synthesis.KOKORO_DIR
+    assert {synthesis.CONFIG_FILE, synthesis.MODEL_FILE} <= set(manifest.KOKORO.files)
+    assert {f"{synthesis.VOICES_DIR}/{voice_id}.pt" for voice_id in map(local_voice, VOICE_CHOICES)} <= \
+        set(manifest.KOKORO.files)
     for name in (layout.T5_FILE, layout.CLIP_FILE, layout.VAE_FILE, layout.INDEX_FILE):
         assert name in manifest.WAN_ORIGINAL.files
     assert set(manifest.MULTITALK_ORIGINAL.files) == {layout.ADAPTER_FILE, layout.INDEX_FILE}

@@ -30,7 +30,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.jobs import open_job_store
-from server.services import APP_ID
+from model.contract.fields import AVATAR_MULTI
 from server.settings import Settings
 
 from server_harness import Cluster
@@ -437,7 +437,7 @@ def test_status_stream_events_carry_only_the_log_lines_new_since_the_previous_ev
     """Each event used to list every line so far, and the JS client, which appends each event's lines, showed
     them again and again; polled status still lists them all."""
     store = local_api.app.state.services.store
-    job = store.submit(APP_ID, {"options": {}, "files": {}})
+    job = store.submit(AVATAR_MULTI.app_id, {"options": {}, "files": {}})
     store.claim("worker-1", lease_s=60)
     store.append_log(job.id, "line 1")
 
@@ -491,7 +491,7 @@ def test_error_bodies_carry_the_message_the_js_client_shows(local_api):
 def test_a_status_stream_rides_out_a_store_outage_and_ends_with_completed(local_api, monkeypatch):
     """A store error mid-stream used to end the response with an exception; now the stream waits the outage out."""
     store = local_api.app.state.services.store
-    job = store.submit(APP_ID, {"options": {}, "files": {}})
+    job = store.submit(AVATAR_MULTI.app_id, {"options": {}, "files": {}})
     store.claim("worker-1", lease_s=60)
     real_get, reads = store.get, []
 

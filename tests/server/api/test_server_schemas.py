@@ -23,7 +23,7 @@ from server.api.errors import (
 from server.api.schemas import (
     MAX_DATA_URI_CHARS,
     AvatarMultiInput,
-    AvatarMultiOutput,
+    AvatarOutput,
     CancelResponse,
     QueueStatusResponse,
     QueueSubmitResponse,
@@ -193,11 +193,11 @@ def client() -> TestClient:
     app = FastAPI()
     install_error_handlers(app)
 
-    @app.post("/fal-ai/ai-avatar/multi", response_model=AvatarMultiOutput)
-    def generate(inp: AvatarMultiInput) -> AvatarMultiOutput:
+    @app.post("/fal-ai/ai-avatar/multi", response_model=AvatarOutput)
+    def generate(inp: AvatarMultiInput) -> AvatarOutput:
         if inp.first_audio_url.endswith("silence.wav"):
             raise InputError("first_audio_url", "the audio is silent")
-        return AvatarMultiOutput(video={"url": "https://example.com/v.mp4"}, seed=inp.seed or 0)
+        return AvatarOutput(video={"url": "https://example.com/v.mp4"}, seed=inp.seed or 0)
 
     @app.get("/status", response_model=QueueStatusResponse)
     def status() -> QueueStatusResponse:
@@ -294,7 +294,7 @@ def test_openapi_schema_has_the_examples(client):
     box = inp["properties"]["speaker_boxes"]["anyOf"][0]["items"]
     assert box["prefixItems"][0] == {"type": "integer", "minimum": 0}
     assert set(inp["required"]) == {"image_url", "first_audio_url", "prompt"}
-    assert components["AvatarMultiOutput"]["examples"][0]["seed"] == 81
+    assert components["AvatarOutput"]["examples"][0]["seed"] == 81
     assert "QueueStatusResponse" in components
 
 

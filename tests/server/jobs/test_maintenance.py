@@ -11,7 +11,8 @@ import time
 
 from server.jobs import maintenance
 from server.jobs.maintenance import delete_expired, sweep_expired_leases
-from server.services import APP_ID, Services
+from model.contract.fields import AVATAR_MULTI
+from server.services import Services
 from server.settings import Settings
 
 from local_servers import free_port
@@ -27,7 +28,7 @@ def _services(tmp_path, **settings) -> tuple[Services, list]:
 def test_sweep_requeues_then_fails_a_job_whose_worker_died(tmp_path):
     services, completed = _services(tmp_path, max_attempts=2)
     store = services.store
-    job = store.submit(APP_ID, {"prompt": "x"}, webhook_url="https://example.com/hook")
+    job = store.submit(AVATAR_MULTI.app_id, {"prompt": "x"}, webhook_url="https://example.com/hook")
     for attempt in (1, 2):
         assert store.claim("dead-worker", lease_s=0.05).id == job.id
         time.sleep(0.1)
@@ -39,7 +40,7 @@ def test_sweep_requeues_then_fails_a_job_whose_worker_died(tmp_path):
 
 
 def _finished_job(store, prompt: str):
-    job = store.submit(APP_ID, {"prompt": prompt})
+    job = store.submit(AVATAR_MULTI.app_id, {"prompt": prompt})
     assert store.claim("w", lease_s=60).id == job.id
     store.finish(job.id, "w", "OK", {"status_code": 200, "body": {}})
     return job
@@ -51,7 +52,7 @@ def test_retention_deletes_old_jobs_and_files_and_keeps_recent_ones(tmp_path):
     old_job = _finished_job(store, "old")
     time.sleep(0.6)
     recent_job = _finished_job(store, "recent")
-    queued_job = store.submit(APP_ID, {"prompt": "queued"})
+    queued_job = store.submit(AVATAR_MULTI.app_id, {"prompt": "queued"})
     source = tmp_path / "video.mp4"
     source.write_bytes(b"old")
     old_file = files.add_file(source, "video/mp4")
