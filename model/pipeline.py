@@ -218,7 +218,7 @@ class Pipeline:
         mark = time.perf_counter()
         if request.speech:
             report(Progress("speech", "synthesising speech"))
-            speech = self.speak(request, should_cancel or (lambda: False))
+            speech = self.speak(request, seed, should_cancel or (lambda: False))
             timings["speech_s"] = time.perf_counter() - mark
             mark = time.perf_counter()
             report(Progress("inputs", "reading the image"))
@@ -300,11 +300,11 @@ class Pipeline:
         reference = pixels_to_tensor(resize_and_center_crop(image, target_hw))
         return reference, masks, target_hw
 
-    def speak(self, request: GenerationRequest, should_cancel: Callable[[], bool]) -> list[np.ndarray]:
+    def speak(self, request: GenerationRequest, seed: int, should_cancel: Callable[[], bool]) -> list[np.ndarray]:
         """Each speaker's text synthesised in their voice: [n] float32 tracks at 16 kHz, in speaker order.
 
         As in the original's TTS mode, the 24 kHz speech is resampled to 16 kHz as librosa loads it, and not
-        loudness-normalised. Speech that comes out longer than the video (the texts are within the submit-time
+        loudness-normalised. The vocoder's noise is drawn from the request's seed. Speech that comes out longer than the video (the texts are within the submit-time
         speaking-rate limit, but voices differ) is synthesised again faster, by the factor that makes it fit, up
         to `MAX_SPEED_UP`; beyond that it is refused naming the last text, rather than cut mid-sentence.
         """
@@ -316,7 +316,7 @@ class Pipeline:
             for text in spoken:
                 if should_cancel():
                     raise GenerationCancelled("cancelled while synthesising speech")
-                tracks.append(self.synthesizer.synthesize(text.text, text.voice, text.text_field, speed))
+                tracks.append(self.synthesizer.synthesize(text.text, text.voice, text.text_field, seed, speed))
             lengths = [len(track) / synthesis.SAMPLE_RATE for track in tracks]
             spoken_s = sum(lengths) if request.audio_mode == "add" else max(lengths)
             logger.info("speech synthesised speakers=%d seconds=%.2f speed=%.2f video_s=%.2f",

@@ -113,10 +113,12 @@ class SpeechSynthesizer:
                 self._packs[voice_id] = torch.load(path, map_location="cpu", weights_only=True)
             return self._packs[voice_id]
 
-    def synthesize(self, text: str, voice: str, text_field: str, speed: float = 1.0) -> np.ndarray:
+    def synthesize(self, text: str, voice: str, text_field: str, seed: int, speed: float = 1.0) -> np.ndarray:
         """`text` spoken in `voice` (a hosted name or a Kokoro id) at `speed`: float32 samples at 24 kHz.
 
-        Raises InputError naming `text_field` for a text with nothing to speak or too long for one utterance.
+        Kokoro's vocoder draws noise (its harmonic source's phases and noise); it is drawn from `seed`, so the
+        same request gives the same speech, as it gives the same video. Raises InputError naming `text_field`
+        for a text with nothing to speak or too long for one utterance.
         """
         voice_id = local_voice(voice)
         phonemes = self.phonemes(text, is_british(voice_id))
@@ -128,6 +130,8 @@ class SpeechSynthesizer:
         pack = self.voice_pack(voice_id)
         style = pack[len(ids) - 1].to(self.device)
         input_ids = torch.tensor([[0, *ids, 0]], device=self.device)
-        with torch.inference_mode():
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.inference_mode(), torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.manual_seed(seed)
             audio, _ = self.model.forward_with_tokens(input_ids, style, speed)
         return audio.float().cpu().numpy().reshape(-1)
