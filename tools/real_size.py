@@ -50,6 +50,19 @@ WAN_VAE = {"base_dim": 96, "z_dim": 16}
 # chinese-wav2vec2-base: Wav2Vec2Config's defaults are wav2vec 2.0 base (12 × 768, 12 heads, FFN 3072, group norm).
 WAV2VEC2_BASE: dict[str, Any] = {}
 
+# Kokoro-82M v1.0 (hexgrad/Kokoro-82M config.json without its vocabulary): PL-BERT 12 × 768, 3-layer prosody and
+# text encoders of width 512, the iSTFTNet decoder with 3 resblocks per upsampling; 178 phoneme ids.
+KOKORO_82M: dict[str, Any] = {
+    "istftnet": {"upsample_kernel_sizes": [20, 12], "upsample_rates": [10, 6], "gen_istft_hop_size": 5,
+                 "gen_istft_n_fft": 20, "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+                 "resblock_kernel_sizes": [3, 7, 11], "upsample_initial_channel": 512},
+    "dim_in": 64, "dropout": 0.2, "hidden_dim": 512, "max_conv_dim": 512, "max_dur": 50, "multispeaker": True,
+    "n_layer": 3, "n_mels": 80, "style_dim": 128, "text_encoder_kernel_size": 5,
+    "plbert": {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 2048,
+               "max_position_embeddings": 512, "num_hidden_layers": 12, "dropout": 0.1},
+}
+KOKORO_82M_TOKENS = 178
+
 INIT_STD = 0.02
 
 

@@ -150,12 +150,18 @@ def build_tiny_components(seed: int) -> dict[str, torch.nn.Module]:
 
 def write_tiny_kokoro(folder: Path, seed: int = 0) -> Path:
     """A tiny random Kokoro-82M in its published layout: `config.json`, `kokoro-v1_0.pth`, `voices/<id>.pt`."""
+    return write_random_kokoro(folder, TINY_KOKORO, seed)
+
+
+def write_random_kokoro(folder: Path, sizes: dict, seed: int = 0, n_token: int | None = None) -> Path:
+    """A random Kokoro of `sizes` (a config.json without its vocabulary) in the published layout; the vocabulary is
+    misaki's symbols (`n_token` ids in all, or just enough)."""
     from kokoro import KModel
 
     folder = Path(folder)
     (folder / synthesis.VOICES_DIR).mkdir(parents=True, exist_ok=True)
     vocab = {symbol: i + 1 for i, symbol in enumerate(TINY_PHONEMES)}
-    config = {**TINY_KOKORO, "n_token": len(vocab) + 1, "vocab": vocab}
+    config = {**sizes, "n_token": n_token or len(vocab) + 1, "vocab": vocab}
     (folder / synthesis.CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False))
     model_file = folder / synthesis.MODEL_FILE
     torch.save({}, model_file)  # KModel loads every part the file holds: none, so it keeps its random init
@@ -166,7 +172,7 @@ def write_tiny_kokoro(folder: Path, seed: int = 0) -> Path:
     torch.save({part: {k: v.half() for k, v in getattr(model, part).state_dict().items()} for part in parts},
                model_file)
     for voice in LOCAL_VOICES:  # the published packs are [510, 1, 256]: 510 rows of (decoder, prosody) styles
-        torch.save(torch.randn(510, 1, 2 * TINY_KOKORO["style_dim"], generator=generator) * 0.2,
+        torch.save(torch.randn(510, 1, 2 * sizes["style_dim"], generator=generator) * 0.2,
                    folder / synthesis.VOICES_DIR / f"{voice}.pt")
     return folder
 
