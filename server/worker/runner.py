@@ -201,8 +201,10 @@ class Worker:
 
             generated = self.pipeline.generate(request, progress, should_cancel)
             stored = self.files.add_file(generated.video, "video/mp4", f"multitalk-{job.id[:8]}.mp4")
+            speech_s = generated.timings.get("speech_s")
+            speech = f" (speech synthesis {speech_s:.1f} s)" if speech_s is not None else ""
             self._log(job, f"done: {generated.num_frames} frames at {generated.width}x{generated.height} in "
-                           f"{generated.timings['total_s']:.1f} s; settings: {generated.settings}")
+                           f"{generated.timings['total_s']:.1f} s{speech}; settings: {generated.settings}")
             body = {"video": {"url": stored.url, "content_type": stored.content_type, "file_name": stored.file_name,
                               "file_size": stored.size}, "seed": generated.seed}
             return "OK", {"status_code": 200, "body": body}, None, None

@@ -88,6 +88,7 @@ def test_each_endpoint_runs_end_to_end_with_its_hosted_defaults(client, cluster,
     job = open_job_store(None, cluster.data_dir).get(request_id)
     assert job.app == app and (job.input["options"]["num_frames"], job.input["options"]["seed"]) == (frames, seed)
     assert ("synthesising speech" in logs) == app.endswith("-text")
+    assert ("(speech synthesis " in logs[-1]) == app.endswith("-text")
 
 
 def test_a_multi_text_video_sounds_like_both_texts_spoken_in_turn(client, media, tiny_weights, tmp_path):
