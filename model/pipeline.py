@@ -304,9 +304,10 @@ class Pipeline:
         """Each speaker's text synthesised in their voice: [n] float32 tracks at 16 kHz, in speaker order.
 
         As in the original's TTS mode, the 24 kHz speech is resampled to 16 kHz as librosa loads it, and not
-        loudness-normalised. The vocoder's noise is drawn from the request's seed. Speech that comes out longer than the video (the texts are within the submit-time
-        speaking-rate limit, but voices differ) is synthesised again faster, by the factor that makes it fit, up
-        to `MAX_SPEED_UP`; beyond that it is refused naming the last text, rather than cut mid-sentence.
+        loudness-normalised. The vocoder's noise is drawn from the request's seed. Speech that comes out longer than
+        the video (the texts are within the submit-time speaking-rate limit, but voices differ in pace) is
+        synthesised again faster: first by the factor that should make it fit, then at `MAX_SPEED_UP`; if even that
+        is too long it is refused naming the last text, rather than cut mid-sentence.
         """
         spoken = request.spoken_texts
         video_s = request.num_frames / VIDEO_FPS
@@ -321,13 +322,14 @@ class Pipeline:
             spoken_s = sum(lengths) if request.audio_mode == "add" else max(lengths)
             logger.info("speech synthesised speakers=%d seconds=%.2f speed=%.2f video_s=%.2f",
                         len(tracks), spoken_s, speed, video_s)
-            if spoken_s <= video_s or speed > 1.0:
+            if spoken_s <= video_s:
                 break
-            speed = spoken_s / video_s * 1.02  # durations are rounded per phoneme: a little margin
-            if speed > MAX_SPEED_UP:
+            if speed >= MAX_SPEED_UP:
                 raise InputError(spoken[-1].text_field, f"takes {spoken_s:.1f} s to say, longer than the video "
                                  f"({video_s:g} s) even spoken {MAX_SPEED_UP}× faster; shorten the text or raise "
                                  "num_frames")
+            # durations are whole units per phoneme, so a speed-up shortens by steps: a margin, then the limit
+            speed = min(MAX_SPEED_UP, speed * spoken_s / video_s * 1.02 if speed == 1.0 else MAX_SPEED_UP)
         return [resample(track, synthesis.SAMPLE_RATE) for track in tracks]
 
     def _audio_tracks(self, speech: list[np.ndarray], audio_mode: str, clips: list[ClipPlan]):

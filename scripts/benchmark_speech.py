@@ -1,10 +1,9 @@
 """Time speech synthesis (the text endpoints' first step) for a text of about 10 seconds, on a real-size Kokoro-82M.
 
 No checkpoint can be downloaded here, so the model is Kokoro-82M's published structure (`tools/real_size.KOKORO_82M`)
-with random weights, loaded through the product's `SpeechSynthesizer` like the real files. Random weights would
-give each phoneme a random duration (≈ 0.6 s), so the duration head is pinned to a normal speaking rate
-(`--phonemes-per-second`): the decoder then makes as many seconds of audio as the real model does for this text,
-which is what its cost depends on. Prints one JSON object: G2P and model times per run, seconds of speech, and the
+with random weights (`write_random_kokoro`, whose duration head speaks at a real pace, ≈ 13 phonemes a second, so
+the decoder makes as many seconds of audio as the real model does for this text, which is what its cost depends
+on), loaded through the product's `SpeechSynthesizer` like the real files. Prints one JSON object: G2P and model times per run, seconds of speech, and the
 real-time factor.
 
     python scripts/benchmark_speech.py --device cpu
@@ -14,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -32,24 +30,11 @@ from tools.real_size import KOKORO_82M, KOKORO_82M_TOKENS  # noqa: E402
 # About 10 s at a normal speaking rate (≈ 150 words a minute): 26 words, 147 characters.
 TEXT = ("Spend more time with people who make you feel alive, and less with things that drain your soul. "
         "We will meet again at the old bridge, just after sunrise.")
-SECONDS_PER_FRAME = 600 / SAMPLE_RATE  # one predicted duration unit: 2 × the decoder's 300-sample hop
-
-
-def pin_durations(synthesizer: SpeechSynthesizer, phonemes_per_second: float) -> None:
-    """Every phoneme lasts 1 / `phonemes_per_second` s: the duration head's sigmoid sum made constant."""
-    projection = synthesizer.model.predictor.duration_proj.linear_layer
-    units = 1 / phonemes_per_second / SECONDS_PER_FRAME
-    with torch.no_grad():
-        projection.weight.zero_()
-        projection.bias.fill_(math.log(units / (projection.out_features - units)))  # sigmoid(b) · max_dur = units
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--phonemes-per-second", type=float, default=13.0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,7 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         synthesizer = SpeechSynthesizer(Path(folder), args.device)
         load_s = time.perf_counter() - started
-        pin_durations(synthesizer, args.phonemes_per_second)
         parameters = sum(p.numel() for p in synthesizer.model.parameters())
         started = time.perf_counter()
         phonemes = synthesizer.phonemes(TEXT, british=False)  # the first call also builds the G2P

@@ -123,7 +123,7 @@ class SpeechSynthesizer:
         voice_id = local_voice(voice)
         phonemes = self.phonemes(text, is_british(voice_id))
         ids = [i for i in (self.model.vocab.get(p) for p in phonemes) if i is not None]
-        if not ids:
+        if not any(p.isalpha() for p in phonemes):  # only pauses: what the submit-time rules let through is words
             raise InputError(text_field, "has nothing the voices can speak (no words after normalisation)")
         if len(ids) > self.context:
             raise InputError(text_field, f"is too long for one utterance: {len(ids)} phonemes, at most {self.context}")

@@ -4,9 +4,10 @@ The voices are English (Kokoro-82M's American and British voices, read by misaki
 text is Latin-script letters, digits, spaces and the punctuation and symbols English prose uses; an emoji,
 a Chinese or Cyrillic letter would be dropped or spelled out letter by letter, so it is refused instead,
 naming the character. The length limit is a speaking rate: `CHARS_PER_SECOND` characters per second of
-video is fast speech (≈ 200 words a minute), so a longer text cannot be spoken within the video and is
-refused at submit with the limit, instead of being cut mid-sentence. Speech that still comes out longer
-than the video is spoken faster, up to `MAX_SPEED_UP` (`model.speech.synthesis`), and refused beyond.
+video is fast speech (≈ 200 words a minute, ≈ 1.3× the voices' own pace), so a longer text cannot be
+spoken within the video and is refused at submit with the limit, instead of being cut mid-sentence.
+Speech that still comes out longer than the video is spoken faster, up to `MAX_SPEED_UP`
+(`model.pipeline.Pipeline.speak`), and refused beyond.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import unicodedata
 
 CHARS_PER_SECOND = 20
-MAX_SPEED_UP = 1.3
+MAX_SPEED_UP = 1.5
 # Punctuation and symbols of English prose that the G2P reads or pauses at (besides ASCII, which is all allowed).
 _EXTRA_PUNCTUATION = frozenset("‘’“”–—…·•€£¥¢°§©®™«»¿¡")
 
@@ -34,6 +35,8 @@ def speech_text_problem(text: str) -> str | None:
     """Why `text` cannot be spoken (empty, or a character the voices cannot read), or None."""
     if not text.strip():
         return "must contain words to speak, got an empty or blank text"
+    if not any(char.isalnum() for char in text):
+        return "must contain words to speak, got only punctuation or symbols"
     found = unreadable_character(text)
     if found is not None:
         position, char = found

@@ -18,6 +18,7 @@ LoRA for such a transformer in the key format of the published distilled LoRAs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -78,13 +79,12 @@ TINY_VOCAB = (
 ).split()
 
 # Kokoro's decoder and generator widths are fixed in its code (1024/512 channels), so its tiny version stays large
-# (≈ 58 M parameters, stored in fp16); the rest is small. `max_dur` 4 makes ≈ 0.05 s of speech per phoneme, about
-# the real model's rate, so tiny speech fits the video as real speech would.
+# (≈ 58 M parameters, stored in fp16); the rest is small.
 TINY_KOKORO = {
     "istftnet": {"upsample_kernel_sizes": [20, 12], "upsample_rates": [10, 6], "gen_istft_hop_size": 5,
                  "gen_istft_n_fft": 20, "resblock_dilation_sizes": [[1, 3, 5]], "resblock_kernel_sizes": [3],
                  "upsample_initial_channel": 512},
-    "dim_in": 64, "dropout": 0.2, "hidden_dim": 512, "max_conv_dim": 512, "max_dur": 4, "multispeaker": True,
+    "dim_in": 64, "dropout": 0.2, "hidden_dim": 512, "max_conv_dim": 512, "max_dur": 50, "multispeaker": True,
     "n_layer": 1, "n_mels": 80, "style_dim": 128, "text_encoder_kernel_size": 5,
     "plbert": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 512,
                "num_hidden_layers": 1, "dropout": 0.1},
@@ -153,9 +153,18 @@ def write_tiny_kokoro(folder: Path, seed: int = 0) -> Path:
     return write_random_kokoro(folder, TINY_KOKORO, seed)
 
 
+# A phoneme of real speech lasts ≈ 3 duration units (2 × 300 samples at 24 kHz, 25 ms each): 13 phonemes a second.
+PHONEME_UNITS = 3.0
+
+
 def write_random_kokoro(folder: Path, sizes: dict, seed: int = 0, n_token: int | None = None) -> Path:
     """A random Kokoro of `sizes` (a config.json without its vocabulary) in the published layout; the vocabulary is
-    misaki's symbols (`n_token` ids in all, or just enough)."""
+    misaki's symbols (`n_token` ids in all, or just enough).
+
+    Random weights would give each phoneme half of `max_dur` units (0.6 s at the real size), so the duration head
+    is set to speak at a real pace, `PHONEME_UNITS` per phoneme give or take a little: the speech then lasts, and
+    costs, what real speech of the same text does.
+    """
     from kokoro import KModel
 
     folder = Path(folder)
@@ -168,6 +177,10 @@ def write_random_kokoro(folder: Path, sizes: dict, seed: int = 0, n_token: int |
     generator = _seeded(seed, 6)
     model = KModel(repo_id=synthesis.REPO_ID, config=str(folder / synthesis.CONFIG_FILE), model=str(model_file))
     _perturb(model, generator)
+    duration = model.predictor.duration_proj.linear_layer
+    with torch.no_grad():
+        duration.weight.mul_(0.1)
+        duration.bias.fill_(math.log(PHONEME_UNITS / (sizes["max_dur"] - PHONEME_UNITS)))  # Σ sigmoid ≈ PHONEME_UNITS
     parts = ("bert", "bert_encoder", "predictor", "text_encoder", "decoder")
     torch.save({part: {k: v.half() for k, v in getattr(model, part).state_dict().items()} for part in parts},
                model_file)
@@ -229,7 +242,7 @@ def cached_tiny_weights(cache_root: Path | None = None, seed: int = 0) -> Path:
     so an interrupted first run never leaves a half-written cache behind.
     """
     root = Path(cache_root or os.environ.get("MULTITALK_CACHE") or Path.home() / ".cache" / "multitalk")
-    final = root / f"tiny-weights-v2-seed{seed}"  # v2: with Kokoro-82M
+    final = root / f"tiny-weights-v3-seed{seed}"  # v3: with Kokoro-82M
     if final.is_dir():
         return final
     root.mkdir(parents=True, exist_ok=True)

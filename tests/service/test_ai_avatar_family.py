@@ -93,15 +93,15 @@ def test_each_endpoint_runs_end_to_end_with_its_hosted_defaults(client, cluster,
 
 def test_a_multi_text_video_sounds_like_both_texts_spoken_in_turn(client, media, tiny_weights, tmp_path):
     request_id, result, _ = _run(client, "fal-ai/ai-avatar/multi-text",
-                                 {**_arguments("fal-ai/ai-avatar/multi-text", media), "num_frames": 121, "seed": 5})
+                                 {**_arguments("fal-ai/ai-avatar/multi-text", media), "num_frames": 181, "seed": 5})
     video = _download(result["video"]["url"], tmp_path / "video.mp4")
-    assert probe(video)["frames"] == 121
+    assert probe(video)["frames"] == 181
     heard = decode_audio(video, SAMPLE_RATE)
     speaker = synthesis.SpeechSynthesizer(tiny_weights["multitalk"] / synthesis.KOKORO_DIR)
     first, second = (resample(speaker.synthesize(text, voice, field, seed=5), synthesis.SAMPLE_RATE)
                      for text, voice, field in ((FIRST_TEXT, "Sarah", "first_text_input"),
                                                 (SECOND_TEXT, "Roger", "second_text_input")))
-    expected = fit_length(np.concatenate([first, second]), 121 * SAMPLES_PER_FRAME)
+    expected = fit_length(np.concatenate([first, second]), 181 * SAMPLES_PER_FRAME)
     assert len(first) + len(second) < len(expected), "the test's texts must leave silence at the end"
     heard = fit_length(heard, len(expected))
     assert np.corrcoef(heard, expected)[0, 1] > 0.9  # AAC keeps the waveform

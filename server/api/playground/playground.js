@@ -1,20 +1,25 @@
-// The MultiTalk playground: upload, queue, follow and play `fal-ai/ai-avatar/multi` requests on this server.
+// The MultiTalk playground: upload, queue, follow and play requests to the ai-avatar endpoints on this server.
 // Plain browser JS, no dependencies; the protocol is the one in docs/api.md.
 "use strict";
 
-const SUBMIT_PATH = "/queue/fal-ai/ai-avatar/multi";
-// The request's limits, choices and defaults are declared once, in the request contract; the page reads
-// them from the OpenAPI schema the server generates from it. Relative to the page, so a path prefix keeps.
+// The endpoints, and each one's fields, limits, choices and defaults, are declared once, in the request contract;
+// the page reads them from the OpenAPI schema the server generates from it: every `/queue/<app_id>` POST route
+// and the input schema its body refers to. Relative to the page, so a path prefix keeps.
 const SCHEMA_PATH = "openapi.json";
-const INPUT_SCHEMA = "AvatarMultiInput";
+const QUEUE_PREFIX = "/queue/";
+const DEFAULT_APP_ID = "fal-ai/ai-avatar/multi"; // shown first when the browser has no choice stored
+// The page's controls per kind of field; an endpoint's schema says which of them it has (the others are hidden).
 const NUMBER_FIELDS = ["num_frames", "seed"];
-const CHOICE_FIELDS = ["resolution", "acceleration", "audio_mode"];
+const CHOICE_FIELDS = ["resolution", "acceleration", "audio_mode", "voice", "voice1", "voice2"];
+const TEXT_FIELDS = ["text_input", "first_text_input", "second_text_input"]; // the texts to speak
+const AUDIO_FIELDS = ["audio_url", "first_audio_url", "second_audio_url"]; // file inputs `<field>-input`
 // Only words for the menus; which entries exist, their order and the default are the schema's.
 const CHOICE_LABELS = {
   acceleration: { none: "none (most steps)", high: "high (fewest steps)" },
   audio_mode: { add: "add: take turns", para: "para: speak at once" },
 };
 const KEY_STORAGE = "multitalk.apiKey";
+const ENDPOINT_STORAGE = "multitalk.endpoint";
 const HISTORY_STORAGE = "multitalk.history";
 const HISTORY_MAX = 50;
 const POLL_MS = 1000;
@@ -30,6 +35,8 @@ const state = {
   drag: null,
   followToken: 0,   // bumped to stop following the previous request
   schema: null,     // a Promise of true once the options are applied from the server's schema, false if not
+  endpoints: [],    // [{appId, path, schemaName, model}] from the server's schema
+  endpoint: null,   // the chosen one
 };
 
 // ---- API calls -------------------------------------------------------------------------------------
@@ -73,12 +80,29 @@ async function upload(file) {
   return file_url;
 }
 
-// ---- request options from the server's schema -----------------------------------------------------
+// ---- endpoints and their request options, from the server's schema ---------------------------------
 
-function fieldSchema(properties, name) {
+function queueEndpoints(openapi) {
+  // Each queue submit route with a JSON body names its input schema: /queue/<app_id> → #/components/schemas/<name>.
+  const schemas = openapi.components?.schemas || {};
+  const endpoints = [];
+  for (const [path, item] of Object.entries(openapi.paths || {})) {
+    const ref = item.post?.requestBody?.content?.["application/json"]?.schema?.$ref;
+    if (!path.startsWith(QUEUE_PREFIX) || typeof ref !== "string") continue;
+    const schemaName = ref.split("/").pop();
+    const model = schemas[schemaName];
+    if (model?.properties) endpoints.push({ appId: path.slice(QUEUE_PREFIX.length), path, schemaName, model });
+  }
+  return endpoints;
+}
+
+function endpointHas(name) {
+  return Boolean(state.endpoint && name in state.endpoint.model.properties);
+}
+
+function fieldSchema(name) {
   // A nullable field (seed) is {anyOf: [{type, minimum, ...}, {type: "null"}], default, ...}.
-  const property = properties[name];
-  if (!property) throw new Error(`${INPUT_SCHEMA} has no field ${name}`);
+  const property = state.endpoint.model.properties[name];
   const variant = (property.anyOf || []).find((entry) => entry.type !== "null") || {};
   return { ...variant, ...property };
 }
@@ -86,31 +110,57 @@ function fieldSchema(properties, name) {
 function applyNumberField(name, spec) {
   const input = $(name);
   if (typeof spec.minimum !== "number" || typeof spec.maximum !== "number") {
-    throw new Error(`${INPUT_SCHEMA}.${name} has no minimum and maximum`);
+    throw new Error(`${state.endpoint.schemaName}.${name} has no minimum and maximum`);
   }
   input.min = String(spec.minimum);
   input.max = String(spec.maximum);
-  // The default value: it shows unless the user has already typed into the field.
+  // The endpoint's default: it shows unless the user has typed into the field (then their value stays).
   input.defaultValue = spec.default == null ? "" : String(spec.default);
   $(`${name}-hint`).textContent = `${spec.minimum}–${spec.maximum}${name === "num_frames" ? `, ${FPS} fps` : ""}`;
 }
 
 function applyChoiceField(name, spec) {
-  if (!Array.isArray(spec.enum) || !spec.enum.length) throw new Error(`${INPUT_SCHEMA}.${name} has no enum`);
-  const labels = CHOICE_LABELS[name] || {};
-  const selected = spec.enum.includes(spec.default) ? spec.default : spec.enum[0];
-  $(name).replaceChildren(...spec.enum.map((value) => {
-    const label = labels[value] || String(value);
-    return new Option(label, value, value === selected, value === selected);
-  }));
+  if (!Array.isArray(spec.enum) || !spec.enum.length) {
+    throw new Error(`${state.endpoint.schemaName}.${name} has no enum`);
+  }
+  const select = $(name), labels = CHOICE_LABELS[name] || {};
+  // A choice the user made (not the default selection) stays when the new endpoint offers it.
+  const chosen = [...select.options].some((option) => option.selected !== option.defaultSelected) ? select.value : null;
+  const fallback = spec.enum.includes(spec.default) ? spec.default : spec.enum[0];
+  const selected = spec.enum.includes(chosen) ? chosen : fallback;
+  select.replaceChildren(...spec.enum.map((value) =>
+    new Option(labels[value] || String(value), value, value === fallback, value === selected)));
+}
+
+function applyTextField(name, spec) {
+  if (typeof spec.maxLength === "number") $(name).maxLength = spec.maxLength;
+  $(name).placeholder = Array.isArray(spec.examples) && spec.examples.length ? String(spec.examples[0]) : "";
+}
+
+function showEndpoint(appId) {
+  const endpoint = state.endpoints.find((entry) => entry.appId === appId) || state.endpoints[0];
+  state.endpoint = endpoint;
+  $("endpoint").value = endpoint.appId;
+  $("endpoint-info").textContent = (endpoint.model.description || "").replaceAll("`", "");
+  document.querySelectorAll("#form [data-field]").forEach((element) => {
+    element.hidden = !endpointHas(element.dataset.field);
+  });
+  for (const name of NUMBER_FIELDS.filter(endpointHas)) applyNumberField(name, fieldSchema(name));
+  for (const name of CHOICE_FIELDS.filter(endpointHas)) applyChoiceField(name, fieldSchema(name));
+  for (const name of TEXT_FIELDS.filter(endpointHas)) applyTextField(name, fieldSchema(name));
+  clearErrors();
+  showFrameSeconds();
+  drawPreview();
 }
 
 function applySchema(openapi) {
-  const model = openapi && openapi.components && openapi.components.schemas && openapi.components.schemas[INPUT_SCHEMA];
-  if (!model || !model.properties) throw new Error(`the schema has no ${INPUT_SCHEMA}`);
-  for (const name of NUMBER_FIELDS) applyNumberField(name, fieldSchema(model.properties, name));
-  for (const name of CHOICE_FIELDS) applyChoiceField(name, fieldSchema(model.properties, name));
-  showFrameSeconds();
+  const endpoints = queueEndpoints(openapi);
+  if (!endpoints.length) throw new Error("the schema has no queue endpoint with an input schema");
+  state.endpoints = endpoints;
+  $("endpoint").replaceChildren(...endpoints.map(({ appId }) => new Option(appId, appId)));
+  const stored = localStorage.getItem(ENDPOINT_STORAGE);
+  const wanted = [stored, DEFAULT_APP_ID].find((appId) => endpoints.some((entry) => entry.appId === appId));
+  showEndpoint(wanted);
 }
 
 async function loadSchema() {
@@ -129,8 +179,8 @@ async function loadSchema() {
     form.dataset.schema = "failed";
     status.hidden = false;
     status.className = "schema-status failed";
-    status.textContent = `Could not load the request options (limits, choices, defaults) from the server's `
-      + `schema, ${new URL(SCHEMA_PATH, document.baseURI).pathname}: ${error.message}. `
+    status.textContent = `Could not load the request options (endpoints, limits, choices, defaults) from the `
+      + `server's schema, ${new URL(SCHEMA_PATH, document.baseURI).pathname}: ${error.message}. `
       + "Nothing can be submitted; reload the page to try again.";
     $("submit").disabled = true;
     return false;
@@ -140,7 +190,11 @@ async function loadSchema() {
 // ---- image preview and speaker regions ------------------------------------------------------------
 
 function speakers() {
-  return $("audio2-input").files.length && !$("use_only_first_audio").checked ? 2 : 1;
+  // As the server counts them: a second person where the endpoint takes a second speech (multi-text requires
+  // it) and it is given, unless `use_only_first_audio` switches it off.
+  const second = endpointHas("second_text_input")
+    || (endpointHas("second_audio_url") && $("second_audio_url-input").files.length > 0);
+  return second && !(endpointHas("use_only_first_audio") && $("use_only_first_audio").checked) ? 2 : 1;
 }
 
 function placement() {
@@ -280,22 +334,21 @@ function onPointerUp() {
 
 // ---- audio -----------------------------------------------------------------------------------------
 
-function setAudio(n) {
-  const input = $(`audio${n}-input`), player = $(`audio${n}-player`), label = $(`audio${n}-duration`);
-  const file = input.files[0];
+function setAudio(field) {
+  const file = $(`${field}-input`).files[0], player = $(`${field}-player`), clear = $(`${field}-clear`);
   if (player.src) URL.revokeObjectURL(player.src);
-  label.textContent = "";
-  if (!file) { player.removeAttribute("src"); player.hidden = true; if (n === 2) $("audio2-clear").hidden = true; drawPreview(); return; }
-  player.src = URL.createObjectURL(file);
-  player.hidden = false;
-  if (n === 2) $("audio2-clear").hidden = false;
+  $(`${field}-duration`).textContent = "";
+  if (file) player.src = URL.createObjectURL(file);
+  else player.removeAttribute("src");
+  player.hidden = !file;
+  if (clear) clear.hidden = !file;
   drawPreview();
 }
 
-function showDuration(n) {
-  const seconds = $(`audio${n}-player`).duration;
+function showDuration(field) {
+  const seconds = $(`${field}-player`).duration;
   if (Number.isFinite(seconds)) {
-    $(`audio${n}-duration`).textContent = `${seconds.toFixed(2)} s (${Math.round(seconds * FPS)} frames)`;
+    $(`${field}-duration`).textContent = `${seconds.toFixed(2)} s (${Math.round(seconds * FPS)} frames)`;
   }
 }
 
@@ -313,7 +366,8 @@ function setError(field, message) {
 }
 
 function clearErrors() {
-  document.querySelectorAll(".error").forEach((element) => { element.textContent = ""; });
+  // The form's own; an error of the request being followed stays with it.
+  document.querySelectorAll("#form .error").forEach((element) => { element.textContent = ""; });
 }
 
 function showValidationErrors(detail) {
@@ -341,15 +395,15 @@ function collectOptions() {
   const body = { prompt: $("prompt").value };
   const frames = $("num_frames").value.trim();
   if (frames !== "") body.num_frames = /^-?\d+$/.test(frames) ? Number(frames) : frames;
-  body.resolution = $("resolution").value;
   if ($("seed-random").checked) body.seed = null;
   else {
     const seed = $("seed").value.trim();
     if (seed !== "") body.seed = /^\d+$/.test(seed) ? Number(seed) : seed;
   }
-  body.use_only_first_audio = $("use_only_first_audio").checked;
-  body.acceleration = $("acceleration").value;
-  body.audio_mode = $("audio_mode").value;
+  if (endpointHas("use_only_first_audio")) body.use_only_first_audio = $("use_only_first_audio").checked;
+  for (const name of CHOICE_FIELDS.filter(endpointHas)) body[name] = $(name).value;
+  // An empty text is left out, so the server's 422 says the field is required.
+  for (const name of TEXT_FIELDS.filter(endpointHas)) if ($(name).value.trim()) body[name] = $(name).value;
   const negative = $("negative_prompt").value.trim();
   if (negative) body.negative_prompt = negative;
   const mode = placement();
@@ -361,33 +415,39 @@ function collectOptions() {
 async function submit(event) {
   event.preventDefault();
   clearErrors();
-  const image = $("image-input").files[0] || (state.image && state.image.file);
-  const audio1 = $("audio1-input").files[0], audio2 = $("audio2-input").files[0];
-  let missing = false;
-  if (!image) { setError("image_url", "image_url: choose an image"); missing = true; }
-  if (!audio1) { setError("first_audio_url", "first_audio_url: choose the speech of person 1"); missing = true; }
-  if (missing) { $("form-error").textContent = "Some inputs are missing."; return; }
-
   const button = $("submit");
   button.disabled = true;
   try {
-    // Submitted before the options arrived: wait for them (the selects are empty until then).
+    // Submitted before the options arrived: wait for them (the endpoint and the selects are unknown until then).
     if ($("form").dataset.schema === "loading") button.textContent = "Loading options…";
     if (!await state.schema) {
       $("form-error").textContent = "The request options could not be loaded from the server; reload the page.";
       return;
     }
+    const endpoint = state.endpoint;
+    const image = $("image-input").files[0] || (state.image && state.image.file);
+    const audios = AUDIO_FIELDS.filter(endpointHas).map((field) => [field, $(`${field}-input`).files[0]]);
+    let missing = false;
+    if (!image) { setError("image_url", "image_url: choose an image"); missing = true; }
+    for (const [field, file] of audios) {
+      if (!file && endpoint.model.required?.includes(field)) {
+        setError(field, `${field}: choose a file with the speech`);
+        missing = true;
+      }
+    }
+    if (missing) { $("form-error").textContent = "Some inputs are missing."; return; }
+
     button.textContent = "Uploading…";
     const body = collectOptions();
     body.image_url = await upload(image);
-    body.first_audio_url = await upload(audio1);
-    if (audio2) body.second_audio_url = await upload(audio2);
+    for (const [field, file] of audios) if (file) body[field] = await upload(file);
     button.textContent = "Submitting…";
-    const queued = await api(SUBMIT_PATH, {
+    const queued = await api(endpoint.path, {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     });
     const entry = {
       id: queued.request_id, time: new Date().toISOString(), prompt: body.prompt, status: queued.status,
+      endpoint: endpoint.appId,
       video_url: null, status_url: queued.status_url, response_url: queued.response_url, cancel_url: queued.cancel_url,
     };
     saveEntry(entry);
@@ -536,10 +596,12 @@ function renderHistory() {
     const button = document.createElement("button");
     button.type = "button"; button.className = "history-entry"; button.dataset.id = entry.id;
     const time = new Date(entry.time).toLocaleString();
-    button.innerHTML = "<span class=status></span> <span class=time></span><br><span class=prompt></span>";
+    button.innerHTML = "<span class=status></span> <span class=time></span> <span class=endpoint></span>"
+      + "<br><span class=prompt></span>";
     button.querySelector(".status").textContent = entry.status || "";
     button.querySelector(".status").dataset.status = entry.status || "";
     button.querySelector(".time").textContent = time;
+    button.querySelector(".endpoint").textContent = entry.endpoint || "";
     button.querySelector(".prompt").textContent = entry.prompt || "(no prompt)";
     button.title = entry.id;
     button.onclick = () => follow(entry);
@@ -590,11 +652,18 @@ function init() {
     drawPreview();
   });
 
-  for (const n of [1, 2]) {
-    $(`audio${n}-input`).addEventListener("change", () => setAudio(n));
-    $(`audio${n}-player`).addEventListener("loadedmetadata", () => showDuration(n));
+  $("endpoint").addEventListener("change", () => {
+    localStorage.setItem(ENDPOINT_STORAGE, $("endpoint").value);
+    showEndpoint($("endpoint").value);
+  });
+  for (const field of AUDIO_FIELDS) {
+    $(`${field}-input`).addEventListener("change", () => setAudio(field));
+    $(`${field}-player`).addEventListener("loadedmetadata", () => showDuration(field));
   }
-  $("audio2-clear").addEventListener("click", () => { $("audio2-input").value = ""; setAudio(2); });
+  $("second_audio_url-clear").addEventListener("click", () => {
+    $("second_audio_url-input").value = "";
+    setAudio("second_audio_url");
+  });
   $("use_only_first_audio").addEventListener("change", drawPreview);
 
   $("num_frames").addEventListener("input", showFrameSeconds);
