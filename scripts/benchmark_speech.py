@@ -27,9 +27,11 @@ from model.speech.synthesis import SAMPLE_RATE, SpeechSynthesizer  # noqa: E402
 from model.weights.tiny import write_random_kokoro  # noqa: E402
 from tools.real_size import KOKORO_82M, KOKORO_82M_TOKENS  # noqa: E402
 
-# About 10 s at a normal speaking rate (≈ 150 words a minute): 26 words, 147 characters.
+# About 10 s at a normal speaking rate (≈ 150 words a minute): 25 words, 133 characters.
 TEXT = ("Spend more time with people who make you feel alive, and less with things that drain your soul. "
-        "We will meet again at the old bridge, just after sunrise.")
+        "We will meet again at the old bridge.")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
