@@ -197,3 +197,13 @@ def failing_first(call, times: int, error: BaseException):
 
     flaky.calls = 0
     return flaky
+
+
+def point_fal_client_at(cluster: Cluster, monkeypatch) -> None:
+    """Every host the unmodified `fal_client` knows, pointed at `cluster` (PEERS_AND_PROTOCOL.md §B.3 option 2)."""
+    import fal_client
+
+    monkeypatch.setattr(fal_client.client, "RUN_URL_FORMAT", f"{cluster.url}/")
+    monkeypatch.setattr(fal_client.client, "QUEUE_URL_FORMAT", f"{cluster.url}/queue/")
+    monkeypatch.setattr(fal_client.client, "REST_URL", cluster.url)
+    monkeypatch.setattr(fal_client.client, "CDN_URL", cluster.url)

@@ -19,7 +19,7 @@ from model.speech import synthesis
 from server.jobs import open_job_store
 
 from media_probe import decode_audio, probe
-from server_harness import Cluster
+from server_harness import Cluster, point_fal_client_at
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -37,10 +37,7 @@ def cluster(tmp_path_factory, tiny_weights):
 
 @pytest.fixture
 def client(cluster, monkeypatch):
-    monkeypatch.setattr(fal_client.client, "RUN_URL_FORMAT", f"{cluster.url}/")
-    monkeypatch.setattr(fal_client.client, "QUEUE_URL_FORMAT", f"{cluster.url}/queue/")
-    monkeypatch.setattr(fal_client.client, "REST_URL", cluster.url)
-    monkeypatch.setattr(fal_client.client, "CDN_URL", cluster.url)
+    point_fal_client_at(cluster, monkeypatch)
     return fal_client.SyncClient(key="any-key")
 
 

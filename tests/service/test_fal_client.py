@@ -23,7 +23,7 @@ from server.jobs.webhooks import verify_signature
 
 from local_servers import free_port
 from media_probe import ffprobe_or_skip, probe
-from server_harness import Cluster
+from server_harness import Cluster, point_fal_client_at
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -49,10 +49,7 @@ def cluster(request, tmp_path_factory, tiny_weights):
 @pytest.fixture
 def client(cluster, monkeypatch):
     """A stock SyncClient whose hosts are the local server, as §B.3 option 2 describes."""
-    monkeypatch.setattr(fal_client.client, "RUN_URL_FORMAT", f"{cluster.url}/")
-    monkeypatch.setattr(fal_client.client, "QUEUE_URL_FORMAT", f"{cluster.url}/queue/")
-    monkeypatch.setattr(fal_client.client, "REST_URL", cluster.url)
-    monkeypatch.setattr(fal_client.client, "CDN_URL", cluster.url)
+    point_fal_client_at(cluster, monkeypatch)
     return fal_client.SyncClient(key="any-key")
 
 
