@@ -16,7 +16,8 @@ from fastapi import Depends, Request
 from model.contract.fields import ENDPOINTS
 from server.api.public_urls import request_base_url
 from server.files.fetch import FetchSettings
-from server.files.store import FileStore
+from server.files.s3_store import S3FileStore
+from server.files.store import FileStore, LocalFileStore
 from server.jobs import Job, JobStore, open_job_store
 from server.jobs.webhooks import WebhookSender
 from server.settings import Settings
@@ -42,7 +43,7 @@ class Services:
         return cls(
             settings=settings,
             store=store,
-            files=FileStore(data / "files", settings.base_url, settings.max_upload_bytes),
+            files=open_file_store(settings),
             fetch=fetch,
             webhooks=WebhookSender(store, settings.webhook_secret, attempts=settings.webhook_attempts,
                                    fetch_settings=fetch),
@@ -75,3 +76,11 @@ def get_base_url(request: Request, services: Annotated[Services, Depends(get_ser
 ServicesDep = Annotated[Services, Depends(get_services)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 BaseUrlDep = Annotated[str, Depends(get_base_url)]
+
+
+def open_file_store(settings: Settings) -> FileStore:
+    """The bucket's store when `storage_url` (s3://bucket/prefix) is set, else the `files` folder of the data dir."""
+    if settings.storage_url:
+        return S3FileStore(settings.storage_url, settings.base_url, settings.max_upload_bytes,
+                           endpoint_url=settings.storage_endpoint_url, presigned_urls=settings.storage_presigned_urls)
+    return LocalFileStore(settings.data_path / "files", settings.base_url, settings.max_upload_bytes)

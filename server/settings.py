@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 from model.contract.errors import InputError
 from model.contract.fields import FIELDS, FRAME_SIZE, STEPS, RequestField
 from model.runtime.execution import OFFLOAD_MODES, WEIGHT_MODES, ExecutionOptions
+from server.files.s3_store import parse_storage_url
 
 MiB = 1024 * 1024
 
@@ -92,6 +93,13 @@ OPTIONS: tuple[Option, ...] = (
            "workers and webhooks then use http(s)://HOST:PORT).", "--public-url"),
     Option("redis_url", str, "Redis job store shared by several workers or hosts, e.g. "
            "redis://redis:6379/0 (unset: SQLite in the data dir).", "--redis-url"),
+    Option("storage_url", str, "S3 bucket (and prefix) for uploads, inputs and videos, e.g. s3://my-bucket/multitalk: "
+           "hosts sharing it and the Redis job store need no shared disk (unset: files in the data dir). "
+           "Credentials and region come from the usual AWS_* variables.", "--storage-url"),
+    Option("storage_endpoint_url", str, "S3 API endpoint of a bucket not on AWS (MinIO, Cloudflare R2, GCS "
+           "interoperability), e.g. http://minio:9000; addressed path-style.", None),
+    Option("storage_presigned_urls", _flag_bool, "Result URLs are presigned bucket URLs (valid 7 days) instead of "
+           "this server's /files/... (which streams from the bucket).", None),
     Option("api_keys", _word_set, "Accepted API keys, comma-separated; requests must send "
            "`Authorization: Key <key>` (unset: no authentication).", None, ("serve",)),
     Option("max_queue", _optional_int, "Most jobs waiting in the queue; beyond it submits get 429 "
@@ -145,6 +153,9 @@ class Settings:
     data_dir: Path | None = None
     public_url: str | None = None
     redis_url: str | None = None
+    storage_url: str | None = None
+    storage_endpoint_url: str | None = None
+    storage_presigned_urls: bool = False
     api_keys: frozenset[str] = frozenset()
     max_queue: int | None = 100
     workers: int = 1
@@ -202,6 +213,11 @@ class Settings:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             problems.append(f"public_url must start with http:// or https://, got {self.public_url!r}")
+        if self.storage_url:
+            try:
+                parse_storage_url(self.storage_url)
+            except ValueError as exc:
+                problems.append(str(exc))
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("tls_cert and tls_key go together: set both or neither")
         elif self.tls_cert is not None and self.tls_key is not None:

@@ -33,6 +33,31 @@ def redis_url():
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server for the session (moto's, tests/local_servers.py), with test credentials in
+    this process's environment (boto3 reads them there; servers the tests start get them too)."""
+    from local_servers import S3_TEST_ENV, running_s3
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in S3_TEST_ENV.items():
+            patch.setenv(name, value)
+        with running_s3() as url:
+            yield url
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """A new empty bucket on the session's S3 server; its name."""
+    import uuid
+
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
     """Tiny checkpoints from seed 0 in both published layouts: {"multitalk": root, "diffusers": root}."""
     from model.weights.tiny import write_tiny_weights

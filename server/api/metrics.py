@@ -40,6 +40,8 @@ def render_metrics(store: JobStore) -> tuple[bytes, str]:
     families = [
         _family("queue_depth", "gauge", "Jobs waiting in the queue.", [_single(counts["queued"])]),
         _family("jobs_running", "gauge", "Jobs a worker is running.", [_single(counts["running"])]),
+        _family("webhooks_pending", "gauge", "Webhooks waiting in the outbox for their next attempt.",
+                [_single(counts["webhooks_pending"])]),
         _family("jobs_completed_total", "counter", "Jobs completed, by outcome.",
                 [("", {"outcome": outcome}, stats.completed[outcome]) for outcome in OUTCOMES]),
         _family("job_run_seconds", "histogram", "Time from a job's start to its end, for jobs that started.",

@@ -47,12 +47,13 @@ RETRY_AFTER_S = 30  # what a 429 suggests; a queue slot frees up when a job fini
 
 class _FilesSeenFrom:
     """The file store as seen through `base_url`: our own upload URLs, whichever host name the
-    client used to reach us, resolve to files on disk instead of going out to the network."""
+    client used to reach us, resolve to stored files instead of going out to the network."""
 
     def __init__(self, files: FileStore, base_url: str):
         self.files, self.base_url = files, base_url
+        self.open_read = files.open_read
 
-    def resolve_url(self, url: str) -> Path | None:
+    def resolve_url(self, url: str) -> str | None:
         return self.files.resolve_url(rebase_url(url, self.base_url, self.files.public_base_url))
 
 

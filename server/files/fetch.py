@@ -279,9 +279,9 @@ async def fetch_input(
         if scheme and scheme.group(1).lower() == "data":
             download.feed(_decode_data_uri(url, field))
             return download.finish()
-        local_path = _local_path(url, field, local_files)
-        if local_path is not None:
-            return await asyncio.to_thread(_copy_local, local_path, download)
+        stored_id = _stored_file_id(url, field, local_files)
+        if stored_id is not None:
+            return await asyncio.to_thread(_copy_stored, local_files, stored_id, download)
         fetching = _fetch_http(_http_url(url, field), download, settings)
         try:
             return await asyncio.wait_for(fetching, settings.total_timeout)
@@ -305,7 +305,7 @@ def _decode_data_uri(uri: str, field: str) -> bytes:
         raise InputError(field, f"malformed data URI: the base64 data does not decode ({error})") from None
 
 
-def _local_path(url: str, field: str, local_files: FileStore | None) -> Path | None:
+def _stored_file_id(url: str, field: str, local_files: FileStore | None) -> str | None:
     if local_files is None:
         return None
     try:
@@ -315,9 +315,9 @@ def _local_path(url: str, field: str, local_files: FileStore | None) -> Path | N
         raise InputError(field, reason) from None
 
 
-def _copy_local(path: Path, download: _Download) -> FetchedFile:
+def _copy_stored(files: FileStore, file_id: str, download: _Download) -> FetchedFile:
     """Copy an uploaded file through the same checks as a download (runs in a worker thread)."""
-    with path.open("rb") as source:
+    with files.open_read(file_id) as source:
         for chunk in iter(lambda: source.read(LOCAL_READ_BYTES), b""):
             download.feed(chunk)
     return download.finish()

@@ -1,4 +1,4 @@
-"""Files this server keeps on its own disk: uploaded inputs and generated videos.
+"""Files this server keeps: uploaded inputs and generated videos, on its own disk or in an S3 bucket.
 
 fal clients hand models URLs, and they get those URLs by uploading first (§A.10/§B.1 of the
 research notes): the JS client and fal-client's `fal` repository call `/storage/upload/initiate`
@@ -10,8 +10,13 @@ shared without exposing other users' files), ids are checked against a strict pa
 touch the file system (so no URL can reach outside the store), and writes go to a temporary name
 first (so a reader never sees half a file).
 
-Layout under `root`: `data/<id>` (the bytes), `meta/<id>.json` (content type, file name, size),
-`pending/<upload token>.json` (an initiated upload waiting for its PUT).
+`FileStore` holds what every backend shares (ids, URLs, the upload flows' rules); `LocalFileStore`
+keeps the files under a folder, the default for one machine; `server.files.s3_store.S3FileStore`
+keeps them in a bucket, so that hosts sharing only Redis and the bucket serve each other's files.
+`server.services` picks one from the settings.
+
+Layout under `root` (local): `data/<id>` (the bytes), `meta/<id>.json` (content type, file name,
+size), `pending/<upload token>.json` (an initiated upload waiting for its PUT).
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterable
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import SplitResult, urlsplit
 
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024
@@ -34,6 +41,7 @@ UPLOADS_PATH = "/storage/uploads/"
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 _TOKEN_BYTES = 24  # → 32 URL-safe characters, 192 random bits
+READ_CHUNK_BYTES = 1024 * 1024
 _ID = re.compile(r"[A-Za-z0-9_-]{32}(?:\.[A-Za-z0-9]{1,8})?")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
 _EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,8}")
@@ -55,7 +63,6 @@ class StoredFile:
     """One stored file, with what a fal `File` object needs (`url`, `content_type`, `file_name`, `file_size`)."""
 
     id: str
-    path: Path
     url: str
     content_type: str
     file_name: str
@@ -70,17 +77,153 @@ class PendingUpload:
     file_url: str
 
 
-class FileStore:
-    """Uploaded inputs and generated outputs under `root`, served at `<public_base_url>/files/<id>`."""
+class FileStore(ABC):
+    """Uploaded inputs and generated outputs, served at `<public_base_url>/files/<id>` (or a backend's own URLs).
 
-    def __init__(self, root: Path, public_base_url: str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
+    Ids are random and unguessable, and checked against a strict pattern before they reach a backend."""
+
+    def __init__(self, public_base_url: str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
         base = urlsplit(public_base_url)
         if base.scheme not in _DEFAULT_PORTS or not base.hostname:
             raise ValueError(f"public_base_url must be an absolute http(s) URL, got {public_base_url!r}")
-        self.root = Path(root)
         self.public_base_url = public_base_url.rstrip("/")
         self.max_upload_bytes = max_upload_bytes
         self._base = base
+
+    # -- adding files ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def save_upload(
+        self, stream: AsyncIterable[bytes], content_type: str | None, file_name: str | None
+    ) -> StoredFile:
+        """Store an uploaded body (fal_v3's `POST /files/upload`); raises `UploadTooLarge` past the limit."""
+
+    @abstractmethod
+    def add_file(self, source: Path, content_type: str | None, file_name: str | None = None) -> StoredFile:
+        """Move a finished file (a generated video, a fetched input) into the store; `file_name` defaults to its name."""
+
+    def initiate_upload(self, content_type: str | None, file_name: str | None) -> PendingUpload:
+        """Reserve an id for `/storage/upload/initiate`; the bytes follow with a PUT to `upload_url`.
+
+        The PUT goes to a second random token rather than to the file id, so knowing a file's public
+        URL does not let anyone overwrite it, and each token works once.
+        """
+        file_id = self.new_id(file_name, content_type)
+        token = secrets.token_urlsafe(_TOKEN_BYTES)
+        self._put_pending(token, {"id": file_id, "content_type": content_type, "file_name": file_name})
+        return PendingUpload(upload_url=f"{self.public_base_url}{UPLOADS_PATH}{token}", file_url=self.url_for(file_id))
+
+    async def complete_upload(self, token: str, stream: AsyncIterable[bytes]) -> StoredFile:
+        """Store the PUT body for an initiated upload; `UnknownFile` for unknown or already used tokens."""
+        if not _TOKEN.fullmatch(token):
+            raise UnknownFile(token)
+        pending = self._claim_pending(token)
+        return await self._save_stream(pending["id"], stream, pending["content_type"], pending["file_name"])
+
+    # -- reading files --------------------------------------------------------------------------
+
+    def url_for(self, file_id: str) -> str:
+        return f"{self.public_base_url}{FILES_PATH}{file_id}"
+
+    def result_url(self, file_id: str) -> str:
+        """The URL a job's result names one of its files by (a backend may hand out its own)."""
+        return self.url_for(file_id)
+
+    @abstractmethod
+    def get(self, file_id: str) -> StoredFile:
+        """Everything known about a stored file; `UnknownFile` if the id is malformed or names nothing stored."""
+
+    @abstractmethod
+    def local_path(self, file_id: str) -> Path | None:
+        """The file's path when it is on this machine's disk (served and read in place), else None."""
+
+    @abstractmethod
+    def open_read(self, file_id: str) -> BinaryIO:
+        """The file's bytes as a binary stream to read and close; `UnknownFile` when nothing is stored."""
+
+    @abstractmethod
+    def read_range(self, file_id: str, start: int, end: int) -> Iterator[bytes]:
+        """The bytes `start`..`end` (inclusive) of a stored file, in chunks (what a range request serves)."""
+
+    def local_copy(self, file_id: str, folder: Path) -> Path:
+        """A path on this machine holding the file's bytes (a worker reads its inputs so): the stored file itself
+        where it is on disk, else a copy written into `folder`."""
+        path = self.local_path(file_id)
+        if path is not None:
+            return path
+        target = Path(folder) / file_id
+        with self.open_read(file_id) as source, target.open("wb") as out:
+            shutil.copyfileobj(source, out, READ_CHUNK_BYTES)
+        return target
+
+    def resolve_url(self, url: str) -> str | None:
+        """The file id behind one of this store's URLs, so inputs we host need no network round trip.
+
+        None when the URL is not under `<public_base_url>/files/` (fetch it normally); `UnknownFile`
+        when it is ours but names no stored file — fetching it over the network could not help.
+        """
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in _DEFAULT_PORTS or (scheme, parts.hostname, _port(parts)) != (
+            self._base.scheme, self._base.hostname, _port(self._base)
+        ):
+            return None
+        prefix = self._base.path.rstrip("/") + FILES_PATH
+        if not parts.path.startswith(prefix):
+            return None
+        file_id = parts.path[len(prefix):]
+        self.get(file_id)
+        return file_id
+
+    # -- removing files -------------------------------------------------------------------------
+
+    @abstractmethod
+    def delete(self, file_id: str) -> bool:
+        """Remove a stored file; False if there was none."""
+
+    @abstractmethod
+    def delete_older_than(self, age_s: float, now: float | None = None) -> int:
+        """Delete files (and unused upload reservations) last written more than age_s ago; returns
+        how many files went. This is the retention rule: results and inputs live as long as jobs do."""
+
+    # -- what a backend provides ----------------------------------------------------------------
+
+    def new_id(self, file_name: str | None, content_type: str | None) -> str:
+        """A random id, ending in the file's extension so URLs still tell players what they hold."""
+        suffix = Path(_clean_file_name(file_name) or "").suffix.lower()
+        if not _EXTENSION.fullmatch(suffix):
+            suffix = mimetypes.guess_extension(_clean_content_type(content_type)) or ""
+        return secrets.token_urlsafe(_TOKEN_BYTES) + suffix
+
+    @abstractmethod
+    async def _save_stream(self, file_id: str, stream: AsyncIterable[bytes], content_type: str | None,
+                           file_name: str | None) -> StoredFile:
+        """Store a streamed body under `file_id` (at most `max_upload_bytes`, else `UploadTooLarge`)."""
+
+    @abstractmethod
+    def _put_pending(self, token: str, pending: dict) -> None:
+        """Keep an initiated upload's reservation under `token`."""
+
+    @abstractmethod
+    def _claim_pending(self, token: str) -> dict:
+        """Take the reservation of `token` (it works once); `UnknownFile` when there is none."""
+
+
+def file_id_is_valid(file_id: str) -> bool:
+    return bool(_ID.fullmatch(file_id))
+
+
+def clean_metadata(content_type: str | None, file_name: str | None, file_id: str) -> tuple[str, str]:
+    """The content type and file name a stored file keeps: they are echoed in response headers."""
+    return _clean_content_type(content_type), _clean_file_name(file_name) or file_id
+
+
+class LocalFileStore(FileStore):
+    """The files under `root` on this machine's disk."""
+
+    def __init__(self, root: Path, public_base_url: str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
+        super().__init__(public_base_url, max_upload_bytes)
+        self.root = Path(root)
         for folder in ("data", "meta", "pending"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
 
@@ -89,15 +232,16 @@ class FileStore:
     async def save_upload(
         self, stream: AsyncIterable[bytes], content_type: str | None, file_name: str | None
     ) -> StoredFile:
-        """Store an uploaded body (fal_v3's `POST /files/upload`); raises `UploadTooLarge` past the limit."""
-        file_id = self._new_id(file_name, content_type)
+        return await self._save_stream(self.new_id(file_name, content_type), stream, content_type, file_name)
+
+    async def _save_stream(self, file_id: str, stream: AsyncIterable[bytes], content_type: str | None,
+                           file_name: str | None) -> StoredFile:
         await self._write_stream(file_id, stream)
         return self._commit(file_id, content_type, file_name)
 
     def add_file(self, source: Path, content_type: str | None, file_name: str | None = None) -> StoredFile:
-        """Move a finished file (a generated video) into the store; `file_name` defaults to its name."""
         file_name = file_name or Path(source).name
-        file_id = self._new_id(file_name, content_type)
+        file_id = self.new_id(file_name, content_type)
         partial = self._partial_path(file_id)
         try:
             shutil.move(os.fspath(source), partial)  # a copy when crossing file systems, hence the temporary name
@@ -106,35 +250,19 @@ class FileStore:
             partial.unlink(missing_ok=True)  # what a failed copy (a full disk) wrote
         return self._commit(file_id, content_type, file_name)
 
-    def initiate_upload(self, content_type: str | None, file_name: str | None) -> PendingUpload:
-        """Reserve an id for `/storage/upload/initiate`; the bytes follow with a PUT to `upload_url`.
-
-        The PUT goes to a second random token rather than to the file id, so knowing a file's public
-        URL does not let anyone overwrite it, and each token works once.
-        """
-        file_id = self._new_id(file_name, content_type)
-        token = secrets.token_urlsafe(_TOKEN_BYTES)
-        pending = {"id": file_id, "content_type": content_type, "file_name": file_name}
+    def _put_pending(self, token: str, pending: dict) -> None:
         _write_json_atomically(self._pending_path(token), pending)
-        return PendingUpload(upload_url=f"{self.public_base_url}{UPLOADS_PATH}{token}", file_url=self.url_for(file_id))
 
-    async def complete_upload(self, token: str, stream: AsyncIterable[bytes]) -> StoredFile:
-        """Store the PUT body for an initiated upload; `UnknownFile` for unknown or already used tokens."""
-        if not _TOKEN.fullmatch(token):
-            raise UnknownFile(token)
+    def _claim_pending(self, token: str) -> dict:
         pending_path = self._pending_path(token)
         try:
             pending = json.loads(pending_path.read_text())
             pending_path.unlink()  # claims the token: a concurrent second PUT fails here or on the read
         except FileNotFoundError:
             raise UnknownFile(token) from None
-        await self._write_stream(pending["id"], stream)
-        return self._commit(pending["id"], pending["content_type"], pending["file_name"])
+        return pending
 
     # -- looking files up -----------------------------------------------------------------------
-
-    def url_for(self, file_id: str) -> str:
-        return f"{self.public_base_url}{FILES_PATH}{file_id}"
 
     def path_for(self, file_id: str) -> Path:
         """The file's path on disk; `UnknownFile` if the id is malformed or nothing is stored under it."""
@@ -150,27 +278,23 @@ class FileStore:
             meta = json.loads(self._meta_path(file_id).read_text())
         except FileNotFoundError:
             raise UnknownFile(file_id) from None
-        return StoredFile(file_id, path, self.url_for(file_id), meta["content_type"], meta["file_name"], meta["size"])
+        return StoredFile(file_id, self.url_for(file_id), meta["content_type"], meta["file_name"], meta["size"])
 
-    def resolve_url(self, url: str) -> Path | None:
-        """The local path behind one of this store's URLs, so inputs we host need no network round trip.
+    def local_path(self, file_id: str) -> Path | None:
+        return self.path_for(file_id)
 
-        None when the URL is not under `<public_base_url>/files/` (fetch it normally); `UnknownFile`
-        when it is ours but names no stored file — fetching it over the network could not help.
-        """
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in _DEFAULT_PORTS or (scheme, parts.hostname, _port(parts)) != (
-            self._base.scheme, self._base.hostname, _port(self._base)
-        ):
-            return None
-        prefix = self._base.path.rstrip("/") + FILES_PATH
-        if not parts.path.startswith(prefix):
-            return None
-        return self.path_for(parts.path[len(prefix):])
+    def open_read(self, file_id: str) -> BinaryIO:
+        return self.path_for(file_id).open("rb")
+
+    def read_range(self, file_id: str, start: int, end: int) -> Iterator[bytes]:
+        with self.open_read(file_id) as source:
+            source.seek(start)
+            remaining = end - start + 1
+            while remaining > 0 and (chunk := source.read(min(READ_CHUNK_BYTES, remaining))):
+                remaining -= len(chunk)
+                yield chunk
 
     def delete(self, file_id: str) -> bool:
-        """Remove a stored file; False if there was none."""
         if not _ID.fullmatch(file_id):
             return False
         self._meta_path(file_id).unlink(missing_ok=True)
@@ -181,8 +305,6 @@ class FileStore:
         return True
 
     def delete_older_than(self, age_s: float, now: float | None = None) -> int:
-        """Delete files (and unused upload reservations) last written more than age_s ago; returns
-        how many files went. This is the retention rule: results and inputs live as long as jobs do."""
         cutoff = (time.time() if now is None else now) - age_s
         deleted = 0
         for path in (self.root / "data").iterdir():
@@ -194,13 +316,6 @@ class FileStore:
         return deleted
 
     # -- internals ------------------------------------------------------------------------------
-
-    def _new_id(self, file_name: str | None, content_type: str | None) -> str:
-        """A random id, ending in the file's extension so URLs still tell players what they hold."""
-        suffix = Path(_clean_file_name(file_name) or "").suffix.lower()
-        if not _EXTENSION.fullmatch(suffix):
-            suffix = mimetypes.guess_extension(_clean_content_type(content_type)) or ""
-        return secrets.token_urlsafe(_TOKEN_BYTES) + suffix
 
     def _data_path(self, file_id: str) -> Path:
         if not _ID.fullmatch(file_id):
@@ -233,11 +348,8 @@ class FileStore:
     def _commit(self, file_id: str, content_type: str | None, file_name: str | None) -> StoredFile:
         """Record the metadata of data already in place; the file is visible from here on. When the
         metadata cannot be written (a full disk), the data goes too: no file is kept without it."""
-        meta = {
-            "content_type": _clean_content_type(content_type),
-            "file_name": _clean_file_name(file_name) or file_id,
-            "size": self._data_path(file_id).stat().st_size,
-        }
+        content_type, file_name = clean_metadata(content_type, file_name, file_id)
+        meta = {"content_type": content_type, "file_name": file_name, "size": self._data_path(file_id).stat().st_size}
         try:
             _write_json_atomically(self._meta_path(file_id), meta)
         except BaseException:

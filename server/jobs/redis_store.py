@@ -83,10 +83,11 @@ class RedisJobStore(JobStore):
 
     def counts(self) -> dict[str, Any]:
         pipe = self._redis.pipeline(transaction=True)
-        for key in (self._queue, self._running, *map(self._done_key, OUTCOMES)):
+        for key in (self._queue, self._running, self._webhooks, *map(self._done_key, OUTCOMES)):
             pipe.zcard(key)
-        queued, running, *completed = pipe.execute()
-        return {"queued": queued, "running": running, "completed": dict(zip(OUTCOMES, completed))}
+        queued, running, webhooks, *completed = pipe.execute()
+        return {"queued": queued, "running": running, "completed": dict(zip(OUTCOMES, completed)),
+                "webhooks_pending": webhooks}
 
     def forget_worker(self, worker_id: str) -> None:
         pipe = self._redis.pipeline(transaction=True)

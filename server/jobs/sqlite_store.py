@@ -217,6 +217,8 @@ class SqliteJobStore(JobStore):
                 counts["completed"][outcome] = n
             else:
                 counts["queued" if status == IN_QUEUE else "running"] += n
+        counts["webhooks_pending"] = self._db().execute("SELECT COUNT(*) FROM jobs WHERE webhook_due_at IS NOT NULL"
+                                                        ).fetchone()[0]
         return counts
 
     def forget_worker(self, worker_id: str) -> None:

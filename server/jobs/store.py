@@ -428,8 +428,9 @@ class JobStore(ABC):
 
     @abstractmethod
     def counts(self) -> dict[str, Any]:
-        """{"queued": n, "running": n, "completed": {"OK": n, "ERROR": n, "CANCELLED": n}} over the
-        jobs stored now (expired jobs no longer count; stats() keeps the totals)."""
+        """{"queued": n, "running": n, "completed": {"OK": n, "ERROR": n, "CANCELLED": n}, "webhooks_pending": n}
+        over the jobs stored now (expired jobs no longer count; stats() keeps the totals); `webhooks_pending`:
+        webhooks in the outbox, waiting for their next attempt."""
 
     @abstractmethod
     def forget_worker(self, worker_id: str) -> None:

@@ -325,7 +325,9 @@ class WebhookSender:
             if job is None:  # another sender took it first, or it was just delivered
                 return
             delivery = _Delivery.of(job)
-            state, retry_in_s = await self._attempt(delivery)
+            state, retry_in_s, outcome = await self._attempt(delivery)
+            await asyncio.to_thread(self.store.append_log, id, f"webhook attempt {delivery.attempt} to "
+                                    f"{delivery.host}: {outcome}", "INFO" if state == WEBHOOK_DELIVERED else "WARN")
             if not await asyncio.to_thread(self.store.record_webhook_attempt, id, delivery.attempt, state, retry_in_s):
                 logger.warning("webhook attempt outlived its hold request_id=%s attempt=%d host=%s; the next "
                                "attempt decides", id, delivery.attempt, delivery.host)
@@ -335,14 +337,15 @@ class WebhookSender:
             if self._outage.noted(exc) is None:
                 logger.exception("webhook attempt could not be taken or recorded request_id=%s", id)
 
-    async def _attempt(self, delivery: _Delivery) -> tuple[WebhookState, float]:
-        """One try: what to record (delivered, failed, or pending again) and, when pending, the delay."""
+    async def _attempt(self, delivery: _Delivery) -> tuple[WebhookState, float, str]:
+        """One try: what to record (delivered, failed, or pending again), when pending the delay, and what happened
+        in words (for the request's logs, where the client sees its webhook's attempts)."""
         try:
             failure = await self._post(delivery)
         except _Refused as exc:
             logger.warning("webhook refused request_id=%s attempt=%d host=%s reason=%s",
                            delivery.request_id, delivery.attempt, delivery.host, exc)
-            return WEBHOOK_FAILED, 0.0
+            return WEBHOOK_FAILED, 0.0, f"refused ({exc}); not retried"
         except Exception as exc:  # a bug here counts as a failed attempt, so it cannot loop forever
             logger.exception("webhook failed unexpectedly request_id=%s attempt=%d host=%s",
                              delivery.request_id, delivery.attempt, delivery.host)
@@ -350,15 +353,15 @@ class WebhookSender:
         if failure is None:
             logger.info("webhook delivered request_id=%s attempt=%d host=%s",
                         delivery.request_id, delivery.attempt, delivery.host)
-            return WEBHOOK_DELIVERED, 0.0
+            return WEBHOOK_DELIVERED, 0.0, "delivered"
         if delivery.attempt >= self.attempts:
             logger.warning("webhook gave up request_id=%s attempt=%d host=%s reason=%s",
                            delivery.request_id, delivery.attempt, delivery.host, failure)
-            return WEBHOOK_FAILED, 0.0
+            return WEBHOOK_FAILED, 0.0, f"failed ({failure}); that was the last of {self.attempts} attempts"
         delay = self._backoff(delivery.attempt)
         logger.warning("webhook failed request_id=%s attempt=%d of %d host=%s reason=%s retry_in=%.1fs",
                        delivery.request_id, delivery.attempt, self.attempts, delivery.host, failure, delay)
-        return WEBHOOK_PENDING, delay
+        return WEBHOOK_PENDING, delay, f"failed ({failure}); next attempt in {delay:.0f} s"
 
     def _backoff(self, failures: int) -> float:
         """Doubling from first_backoff_s, capped at max_backoff_s, times a random factor in [0.5, 1]

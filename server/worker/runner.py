@@ -188,7 +188,7 @@ class Worker:
     def _run(self, job: Job, lease: LeaseKeeper) -> JobEnd:
         workdir = self.scratch.make_dir(f"job-{job.id[:8]}-")
         try:
-            request = GenerationRequest.from_inputs(self._stored_inputs(job), workdir / "output.mp4",
+            request = GenerationRequest.from_inputs(self._stored_inputs(job, workdir), workdir / "output.mp4",
                                                     {**job.input["options"], **self.settings.request_overrides},
                                                     job.input.get("speech", ()))
 
@@ -205,7 +205,8 @@ class Worker:
             speech = f" (speech synthesis {speech_s:.1f} s)" if speech_s is not None else ""
             self._log(job, f"done: {generated.num_frames} frames at {generated.width}x{generated.height} in "
                            f"{generated.timings['total_s']:.1f} s{speech}; settings: {generated.settings}")
-            body = {"video": {"url": stored.url, "content_type": stored.content_type, "file_name": stored.file_name,
+            body = {"video": {"url": self.files.result_url(stored.id), "content_type": stored.content_type,
+                              "file_name": stored.file_name,
                               "file_size": stored.size}, "seed": generated.seed}
             return "OK", {"status_code": 200, "body": body}, None, None
         except InputError as exc:
@@ -234,15 +235,16 @@ class Worker:
         self._log(job, message, "ERROR")
         return "ERROR", {"status_code": status_code, "body": request_error_body(message, error_type)}, message, error_type
 
-    def _stored_inputs(self, job: Job) -> dict[str, Path]:
-        """The job's input files as the API stored them, by request field."""
+    def _stored_inputs(self, job: Job, workdir: Path) -> dict[str, Path]:
+        """The job's input files as the API stored them, by request field: in place on a local store, copied into
+        `workdir` from a bucket."""
         if "files" not in job.input:  # the stored form before the request contract; no release had it
             raise RuntimeError("this job was queued by an earlier server version whose stored input this worker "
                                "cannot read; submit the request again")
         paths = {}
         for name, file_id in job.input["files"].items():
             try:
-                paths[name] = self.files.path_for(file_id)
+                paths[name] = self.files.local_copy(file_id, workdir)
             except UnknownFile:
                 raise InputError(name, "the stored input file is gone (deleted, or kept past its retention time)") \
                     from None

@@ -9,10 +9,7 @@ allows 127.0.0.1 for the webhook receiver.
 from __future__ import annotations
 
 import json
-import queue
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import fal_client
 import httpx
@@ -21,7 +18,7 @@ from fal_client.client import FalClientHTTPError
 
 from server.jobs.webhooks import verify_signature
 
-from local_servers import free_port
+from local_servers import receiving_webhooks
 from media_probe import ffprobe_or_skip, probe
 from server_harness import Cluster, point_fal_client_at
 
@@ -129,28 +126,10 @@ def test_cancel_a_running_and_a_queued_request(client, inputs):
         assert raised.value.status_code == 499
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    deliveries: queue.Queue
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["content-length"]))
-        self.deliveries.put((dict(self.headers), body))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def webhook_receiver():
-    deliveries: queue.Queue = queue.Queue()
-    handler = type("Receiver", (_Receiver,), {"deliveries": deliveries})
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", deliveries
-    server.shutdown()
+    with receiving_webhooks() as receiver:
+        yield receiver
 
 
 def test_webhook_is_delivered_and_verifies(client, inputs, webhook_receiver):

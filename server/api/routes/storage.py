@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import presented_key, require_api_key
 from server.api.errors import RequestError
+from server.api.file_responses import stored_file_response
 from server.api.public_urls import rebase_url
 from server.files.store import FILES_PATH, UPLOADS_PATH, UnknownFile, UploadTooLarge
 from server.services import BaseUrlDep, ServicesDep
@@ -123,9 +124,9 @@ async def upload(request: Request, services: ServicesDep, base_url: BaseUrlDep,
 
 @router.get(f"{FILES_PATH}{{file_id}}", summary="Download a stored file (inputs and results)",
             response_class=FileResponse)
-async def download(file_id: str, services: ServicesDep):
+async def download(file_id: str, services: ServicesDep, range: Annotated[str | None, Header()] = None):
     try:
         stored = await run_in_threadpool(services.files.get, file_id)
     except UnknownFile:
         raise RequestError(404, "file not found (unknown, or deleted after its retention time)", "file_not_found") from None
-    return FileResponse(stored.path, media_type=stored.content_type, filename=stored.file_name)
+    return stored_file_response(services.files, stored, range)

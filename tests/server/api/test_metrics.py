@@ -90,7 +90,7 @@ def _move_jobs(store, monkeypatch) -> None:
 def test_an_empty_store(store):
     types, samples = parse(render_metrics(store)[0].decode())
     assert types == {
-        "multitalk_queue_depth": "gauge", "multitalk_jobs_running": "gauge",
+        "multitalk_queue_depth": "gauge", "multitalk_jobs_running": "gauge", "multitalk_webhooks_pending": "gauge",
         "multitalk_jobs_completed_total": "counter",
         "multitalk_job_run_seconds": "histogram", "multitalk_job_queue_wait_seconds": "histogram",
         "multitalk_workers_alive": "gauge", "multitalk_worker_ready": "gauge", "multitalk_worker_busy": "gauge",

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from server.files import store as file_store
-from server.files.store import FileStore
+from server.files.store import LocalFileStore
 
 from server_harness import no_space_error
 
@@ -18,7 +18,7 @@ def _everything_under(root) -> list[str]:
 
 
 def test_a_copy_that_runs_out_of_space_leaves_no_partial_file(tmp_path, monkeypatch):
-    files = FileStore(tmp_path / "files", "http://127.0.0.1:8000")
+    files = LocalFileStore(tmp_path / "files", "http://127.0.0.1:8000")
     video = tmp_path / "output.mp4"
     video.write_bytes(b"v" * 10_000)
 
@@ -35,7 +35,7 @@ def test_a_copy_that_runs_out_of_space_leaves_no_partial_file(tmp_path, monkeypa
 
 
 def test_metadata_that_cannot_be_written_takes_its_data_along(tmp_path, monkeypatch):
-    files = FileStore(tmp_path / "files", "http://127.0.0.1:8000")
+    files = LocalFileStore(tmp_path / "files", "http://127.0.0.1:8000")
     video = tmp_path / "output.mp4"
     video.write_bytes(b"v" * 10_000)
     real_replace = os.replace

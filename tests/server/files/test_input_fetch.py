@@ -25,7 +25,7 @@ from model.contract.errors import InputError
 from server.files import safe_http
 from server.files.fetch import FetchSettings, MiB, fetch_input, sniff
 from server.files.safe_http import is_public_address
-from server.files.store import FileStore, UnknownFile, UploadTooLarge
+from server.files.store import LocalFileStore, UnknownFile, UploadTooLarge
 
 PNG_BYTES = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200)
 WAV_BYTES = b"RIFF\x00\x01\x00\x00WAVEfmt " + bytes(200)
@@ -525,14 +525,14 @@ PUBLIC = "http://10.1.2.3:8000/mt"  # a private address: fetching it over the ne
 
 @pytest.fixture
 def store(tmp_path) -> FileStore:
-    return FileStore(tmp_path / "store", PUBLIC, max_upload_bytes=MiB)
+    return LocalFileStore(tmp_path / "store", PUBLIC, max_upload_bytes=MiB)
 
 
 def test_upload_url_resolves_locally_without_the_network(store, tmp_path):
     stored = asyncio.run(store.save_upload(_chunks(WAV_BYTES[:100], WAV_BYTES[100:]), "audio/wav", "me.WAV"))
     assert stored.url == f"{PUBLIC}/files/{stored.id}" and stored.id.endswith(".wav")
     assert (stored.content_type, stored.file_name, stored.size) == ("audio/wav", "me.WAV", len(WAV_BYTES))
-    assert store.resolve_url(stored.url) == stored.path == store.path_for(stored.id)
+    assert store.resolve_url(stored.url) == stored.id and store.local_path(stored.id) == store.path_for(stored.id)
     fetched = _fetch(stored.url, tmp_path / "job", expect="audio", settings=FetchSettings(), local_files=store)
     assert fetched.path.read_bytes() == WAV_BYTES and fetched.path.parent == tmp_path / "job"
     error = _refused(stored.url, tmp_path / "job2", expect="image", local_files=store)
@@ -551,7 +551,7 @@ def test_initiate_and_put_upload(store, tmp_path):
     assert fetched.size == len(PNG_BYTES)
     with pytest.raises(UnknownFile):
         asyncio.run(store.complete_upload(token, _chunks(b"overwrite")))  # each token works once
-    assert stored.path.read_bytes() == PNG_BYTES
+    assert store.path_for(stored.id).read_bytes() == PNG_BYTES
 
 
 def test_upload_limit_keeps_nothing(store):
@@ -588,7 +588,7 @@ def test_only_this_stores_urls_resolve(store):
                   f"http://10.1.2.3:8000/files/{file_id}", f"http://example.com/mt/files/{file_id}", "data:,x",
                   f"http://10.1.2.3:port/mt/files/{file_id}"]:
         assert store.resolve_url(other) is None
-    same_host = FileStore(store.root, "https://Media.Example/")
+    same_host = LocalFileStore(store.root, "https://Media.Example/")
     with pytest.raises(UnknownFile):  # recognised as ours despite case and explicit default port; nothing stored
         same_host.resolve_url(f"https://media.example:443/files/{file_id}")
 
@@ -596,4 +596,4 @@ def test_only_this_stores_urls_resolve(store):
 def test_upload_names_and_types_are_cleaned(store):
     stored = asyncio.run(store.save_upload(_chunks(b"x"), "text/html\r\nSet-Cookie: a=b", "../../evil\x00.sh"))
     assert (stored.content_type, stored.file_name) == ("application/octet-stream", "evil.sh")
-    assert stored.path.parent == store.root / "data"
+    assert store.path_for(stored.id).parent == store.root / "data"

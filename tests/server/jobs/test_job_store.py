@@ -77,7 +77,8 @@ def test_submit_get_and_queue_positions(store):
     assert store.claim("w1", 60).id == job.id
     assert [store.queue_position(id) for id in [job.id, *others]] == [0, 0, 1, 2]
     assert store.get("no-such-job") is None and store.queue_position("no-such-job") == 0
-    assert store.counts() == {"queued": 3, "running": 1, "completed": {"OK": 0, "ERROR": 0, "CANCELLED": 0}}
+    assert store.counts() == {"queued": 3, "running": 1, "completed": {"OK": 0, "ERROR": 0, "CANCELLED": 0},
+                              "webhooks_pending": 0}
 
 
 def test_claim_takes_the_oldest_and_holds_a_lease(store):
@@ -210,7 +211,8 @@ def test_finish_with_result_or_error(store):
     assert (job.outcome, job.result, job.error, job.error_type) == ("ERROR", None, "CUDA out of memory", "OutOfMemory")
     with pytest.raises(ValueError):
         store.finish(bad, "w2", "FAILED")
-    assert store.counts() == {"queued": 0, "running": 0, "completed": {"OK": 1, "ERROR": 1, "CANCELLED": 0}}
+    assert store.counts() == {"queued": 0, "running": 0, "completed": {"OK": 1, "ERROR": 1, "CANCELLED": 0},
+                              "webhooks_pending": 0}
 
 
 def test_logs_append_and_read_since(store):
@@ -285,7 +287,8 @@ def test_expire_finished_deletes_old_finished_jobs(store):
     assert store.get(ok) is None and store.get(cancelled) is None and store.logs(ok) == []
     assert store.get(running).status == "IN_PROGRESS" and store.get(queued).status == "IN_QUEUE"
     assert store.expire_finished(older_than_s=0) == []
-    assert store.counts() == {"queued": 1, "running": 1, "completed": {"OK": 0, "ERROR": 0, "CANCELLED": 0}}
+    assert store.counts() == {"queued": 1, "running": 1, "completed": {"OK": 0, "ERROR": 0, "CANCELLED": 0},
+                              "webhooks_pending": 0}
 
 
 def test_heartbeats_expire_after_their_ttl(store):

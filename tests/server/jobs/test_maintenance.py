@@ -9,9 +9,12 @@ import logging
 import os
 import time
 
+import pytest
+
+from model.contract.fields import AVATAR_MULTI
+from server.files.store import UnknownFile
 from server.jobs import maintenance
 from server.jobs.maintenance import delete_expired, sweep_expired_leases
-from model.contract.fields import AVATAR_MULTI
 from server.services import Services
 from server.settings import Settings
 
@@ -59,13 +62,15 @@ def test_retention_deletes_old_jobs_and_files_and_keeps_recent_ones(tmp_path):
     source.write_bytes(b"new")
     new_file = files.add_file(source, "video/mp4")
     an_hour_ago = time.time() - 3600
-    os.utime(old_file.path, (an_hour_ago, an_hour_ago))
+    os.utime(services.files.path_for(old_file.id), (an_hour_ago, an_hour_ago))
 
     delete_expired(services)
 
     assert store.get(old_job.id) is None
     assert store.get(recent_job.id) is not None and store.get(queued_job.id) is not None
-    assert not old_file.path.exists() and new_file.path.exists()
+    assert services.files.get(new_file.id) and services.files.local_path(new_file.id).exists()
+    with pytest.raises(UnknownFile):
+        services.files.get(old_file.id)
     services.close()
 
 

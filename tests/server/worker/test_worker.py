@@ -16,7 +16,7 @@ from model.contract.request import GenerationResult, Progress
 from server.api.schemas import AvatarMultiInput
 from server.api.submission import stage_inputs
 from server.files.fetch import FetchSettings
-from server.files.store import FileStore
+from server.files.store import LocalFileStore
 from server.jobs import SqliteJobStore
 from server.worker import runtime
 from server.worker.runner import LeaseKeeper, Worker, WorkerSettings
@@ -40,7 +40,7 @@ class SmallPipeline:
 @pytest.fixture
 def worker(tmp_path, tiny_pipeline):
     store = SqliteJobStore(tmp_path / "jobs.sqlite3")
-    files = FileStore(tmp_path / "files", "http://127.0.0.1:8000")
+    files = LocalFileStore(tmp_path / "files", "http://127.0.0.1:8000")
     yield Worker(store, SmallPipeline(tiny_pipeline), files, WorkerSettings(lease_s=30, poll_s=0.05))
     store.close()
 
@@ -69,7 +69,7 @@ def test_worker_runs_a_job_to_a_video_url(worker, example_inputs):
     body = done.result["body"]
     assert done.result["status_code"] == 200 and body["seed"] == 81  # absent seed → the schema default
     assert body["video"]["url"].startswith("http://127.0.0.1:8000/") and body["video"]["content_type"] == "video/mp4"
-    path = worker.files.resolve_url(body["video"]["url"])
+    path = worker.files.path_for(worker.files.resolve_url(body["video"]["url"]))
     ffprobe_or_skip()
     assert probe(path)["frames"] == 41
     messages = [entry["message"] for entry in worker.store.logs(job.id)]
@@ -145,7 +145,7 @@ class InstantPipeline:
 @pytest.fixture
 def quick_worker(tmp_path):
     store = SqliteJobStore(tmp_path / "jobs.sqlite3")
-    files = FileStore(tmp_path / "files", "http://127.0.0.1:8000")
+    files = LocalFileStore(tmp_path / "files", "http://127.0.0.1:8000")
     yield Worker(store, InstantPipeline(), files, WorkerSettings(lease_s=30, poll_s=0.05))
     store.close()
 
