@@ -86,10 +86,11 @@ def _mounts(service: dict) -> dict[str, str]:
 
 def test_default_services_and_the_single_gpu_profile(compose):
     services = compose["services"]
-    assert set(services) == {"redis", "api", "worker", "server", "proxy"}
+    assert set(services) == {"redis", "api", "worker", "server", "proxy", "minio", "minio-bucket"}
     assert {name for name, service in services.items() if not service.get("profiles")} == {"redis", "api", "worker"}
     assert services["server"]["profiles"] == ["single"]
     assert services["proxy"]["profiles"] == ["proxy"]
+    assert services["minio"]["profiles"] == services["minio-bucket"]["profiles"] == ["bucket"]
 
 
 def test_gpu_services_reserve_one_nvidia_gpu_and_the_others_none(compose):
@@ -109,7 +110,8 @@ def test_volumes(compose):
         assert mounts["/data"] == "data"
     assert _mounts(services["api"]) == {"/data": "data"}, "the API serves the videos the workers write"
     assert _mounts(services["redis"]) == {"/data": "redis"}
-    assert set(compose["volumes"]) == {"data", "redis"}
+    assert _mounts(services["minio"]) == {"/data": "bucket"}
+    assert set(compose["volumes"]) == {"data", "redis", "bucket"}
 
 
 def test_healthchecks_and_restart_policies(compose):
@@ -122,7 +124,9 @@ def test_healthchecks_and_restart_policies(compose):
     assert services["worker"]["healthcheck"] == {"disable": True}
     for name in ("api", "worker"):
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert all(service["restart"] == "unless-stopped" for service in services.values())
+    one_shot = {"minio-bucket"}  # makes the bucket, then exits
+    assert all(service["restart"] == "unless-stopped" for name, service in services.items() if name not in one_shot)
+    assert "restart" not in services["minio-bucket"]
 
 
 def test_redis_persists_its_queue(compose):
@@ -142,7 +146,8 @@ def test_service_environments_are_valid_settings(compose, dockerfile):
     image_env = _image_env(dockerfile)
     for name in IMAGE_SERVICES:
         environment = {key: _resolved(str(value)) for key, value in compose["services"][name].get("environment", {}).items()}
-        assert set(environment) <= SETTING_VARIABLES, f"{name}: not settings: {set(environment) - SETTING_VARIABLES}"
+        ours = {key for key in environment if not key.startswith("AWS_")}  # AWS_*: the bucket's, read by boto3
+        assert ours <= SETTING_VARIABLES, f"{name}: not settings: {ours - SETTING_VARIABLES}"
         load_settings(None, {**image_env, **environment}).check()
 
 
@@ -153,9 +158,11 @@ def test_interpolated_multitalk_variables_are_settings():
 
 
 def test_api_and_workers_share_the_store_and_the_public_url(compose):
-    """Workers find uploads on the shared volume by matching their URL against their own public URL."""
+    """Workers find uploads on the shared volume by matching their URL against their own public URL, or in the
+    bucket all of them are pointed at."""
     services = compose["services"]
-    for key in ("MULTITALK_PUBLIC_URL", "MULTITALK_REDIS_URL"):
+    for key in ("MULTITALK_PUBLIC_URL", "MULTITALK_REDIS_URL", "MULTITALK_STORAGE_URL", "MULTITALK_STORAGE_ENDPOINT_URL",
+                "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert services["api"]["environment"][key] == services["worker"]["environment"][key], key
     assert services["api"]["environment"]["MULTITALK_REDIS_URL"].startswith("redis://redis:")
 
@@ -194,7 +201,7 @@ def test_compose_config_validates():
                     if shutil.which(c[0]) and subprocess.run([*c, "version"], capture_output=True).returncode == 0), None)
     if command is None:
         pytest.skip("Docker Compose is not installed")
-    for profile in ([], ["--profile", "single"], ["--profile", "proxy"]):
+    for profile in ([], ["--profile", "single"], ["--profile", "proxy"], ["--profile", "bucket"]):
         done = subprocess.run([*command, "-f", str(REPO_ROOT / "docker-compose.yml"), *profile, "config", "--quiet"],
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
