@@ -5,7 +5,8 @@ few failures, and each must answer them alike: the API with one status, the work
 and carrying on, the health probes with the truth. They are classified here, once:
 
 * **unavailable** (transient; try again): Redis unreachable, timing out, loading or read-only;
-  SQLite locked past its busy timeout, an I/O error, or a damaged file. The API answers 503 with
+  SQLite locked past its busy timeout, an I/O error, or a damaged file; the S3 bucket of the file
+  store unreachable, timing out, or answering 5xx / SlowDown. The API answers 503 with
   `Retry-After`; workers back off and retry.
 * **full**: no space left on the device (ENOSPC, EDQUOT) while the file store or ffmpeg writes,
   SQLite's "database or disk is full", Redis out of memory. The API answers 507; a job failing this
@@ -26,14 +27,19 @@ from dataclasses import dataclass
 from typing import Literal
 
 import redis
+from botocore import exceptions as boto
 
 FailureKind = Literal["unavailable", "full"]
 
 # Exception classes that may carry a storage failure: the API registers its handler for these.
-STORAGE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, redis.RedisError, OSError)
+STORAGE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, redis.RedisError, OSError, boto.BotoCoreError,
+                                               boto.ClientError)
 
 _UNAVAILABLE_REDIS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError,
                       redis.exceptions.TryAgainError, redis.exceptions.MasterDownError)
+_UNAVAILABLE_BUCKET = (boto.EndpointConnectionError, boto.ConnectionClosedError, boto.ReadTimeoutError,
+                       boto.ConnectTimeoutError)
+_BUSY_BUCKET_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}
 _SQLITE_FULL = 13
 _SQLITE_DAMAGED = {11: "SQLITE_CORRUPT", 26: "SQLITE_NOTADB"}
 _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -95,11 +101,20 @@ def _classify_one(exc: BaseException) -> StorageFailure | None:
         return StorageFailure("unavailable", f"the job store (Redis) refuses writes: it cannot persist ({exc})")
     if isinstance(exc, sqlite3.Error):
         return _classify_sqlite(exc)
+    if isinstance(exc, _UNAVAILABLE_BUCKET) or (isinstance(exc, boto.ClientError) and _bucket_busy(exc)):
+        return StorageFailure("unavailable", f"the file store (S3 bucket) is unreachable ({_named(exc)}); try "
+                                             "again shortly")
     if isinstance(exc, OSError) and exc.errno in _NO_SPACE_ERRNOS:
         return StorageFailure("full", f"no space left on device; {FREE_SPACE_HINT}")
     if isinstance(exc, RuntimeError) and _NO_SPACE_TEXT in str(exc):
         return StorageFailure("full", f"no space left on device; {FREE_SPACE_HINT}")
     return None
+
+
+def _bucket_busy(exc: boto.ClientError) -> bool:
+    """An S3 error that says "later" (5xx, throttling), not "never" (a missing bucket, denied access)."""
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return status >= 500 or exc.response.get("Error", {}).get("Code") in _BUSY_BUCKET_CODES
 
 
 def sqlite_damage(exc: sqlite3.Error) -> str | None:

@@ -125,3 +125,15 @@ def test_files_route_streams_from_the_bucket_with_ranges(s3_endpoint, s3_bucket,
         assert client.get(path, headers={"Range": f"bytes={len(DATA)}-"}).status_code == 416
         assert client.get("/files/" + "A" * 32).status_code == 404
     assert not (tmp_path / "files").exists()  # nothing on the local disk
+
+
+def test_an_unreachable_bucket_is_a_503_not_a_500(tmp_path, s3_endpoint):
+    from local_servers import free_port
+
+    settings = Settings(data_dir=tmp_path, workers=0, storage_url="s3://gone",
+                        storage_endpoint_url=f"http://127.0.0.1:{free_port()}")  # nobody listens there
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/storage/upload/initiate", json={"file_name": "a.png", "content_type": "image/png"})
+        assert response.status_code == 503 and response.json()["error_type"] == "store_unavailable"
+        assert "S3 bucket" in response.json()["detail"]
+        assert client.get("/files/" + "A" * 32).status_code == 503
