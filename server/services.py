@@ -81,6 +81,8 @@ BaseUrlDep = Annotated[str, Depends(get_base_url)]
 def open_file_store(settings: Settings) -> FileStore:
     """The bucket's store when `storage_url` (s3://bucket/prefix) is set, else the `files` folder of the data dir."""
     if settings.storage_url:
-        return S3FileStore(settings.storage_url, settings.base_url, settings.max_upload_bytes,
-                           endpoint_url=settings.storage_endpoint_url, presigned_urls=settings.storage_presigned_urls)
+        bucket = S3FileStore(settings.storage_url, settings.base_url, settings.max_upload_bytes,
+                             endpoint_url=settings.storage_endpoint_url, presigned_urls=settings.storage_presigned_urls)
+        bucket.check_bucket()
+        return bucket
     return LocalFileStore(settings.data_path / "files", settings.base_url, settings.max_upload_bytes)

@@ -23,12 +23,14 @@ def _settings_or_exit(args: argparse.Namespace):
 
 
 def _built_or_exit(args: argparse.Namespace, build: Callable[[], T]) -> T:
-    """`build()`, or exit with the store's own message when its file is damaged (it says what to do), not a traceback."""
+    """`build()`, or exit with the store's own message when its file is damaged or its bucket unusable (it says what to
+    do), not a traceback."""
+    from server.files.s3_store import UnusableBucket
     from server.jobs import DamagedJobStore
 
     try:
         return build()
-    except DamagedJobStore as exc:
+    except (DamagedJobStore, UnusableBucket) as exc:
         raise SystemExit(f"multitalk {args.command}: {exc}") from None
 
 

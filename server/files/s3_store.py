@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import tempfile
 import time
 from collections.abc import AsyncIterable, Iterator
@@ -35,6 +36,8 @@ from server.files.store import (
     file_id_is_valid,
 )
 
+logger = logging.getLogger("multitalk.files")
+
 FILE_NAME_KEY = "file-name"  # object metadata (x-amz-meta-file-name), percent-encoded: metadata is ASCII
 PRESIGNED_URL_S = 7 * 24 * 3600  # the longest SigV4 allows
 
@@ -47,6 +50,10 @@ def parse_storage_url(url: str) -> tuple[str, str]:
     return parts.netloc, parts.path.strip("/")
 
 
+class UnusableBucket(ValueError):
+    """The bucket does not exist or these credentials may not use it: a setting to mend, not an outage to wait out."""
+
+
 class S3FileStore(FileStore):
     """The files under `s3://bucket/prefix`; `client` is a boto3 S3 client (thread-safe, shared)."""
 
@@ -57,6 +64,25 @@ class S3FileStore(FileStore):
         self.prefix = f"{prefix}/" if prefix else ""
         self.presigned_urls = presigned_urls
         self.client = client or _client(endpoint_url)
+
+    def check_bucket(self) -> None:
+        """At start: `UnusableBucket` when the bucket is missing or refused, saying what to set; an unreachable
+        endpoint is only logged (like a job store outage, it may come back; requests answer 503 meanwhile)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404:
+                raise UnusableBucket(f"the bucket {self.bucket!r} of MULTITALK_STORAGE_URL does not exist; create it "
+                                     "or fix the setting") from None
+            if status in (401, 403):
+                raise UnusableBucket(f"access to the bucket {self.bucket!r} is denied: check AWS_ACCESS_KEY_ID / "
+                                     "AWS_SECRET_ACCESS_KEY (or the instance role) and the bucket's policy") from None
+            logger.warning("bucket check failed bucket=%s error=%s; starting anyway", self.bucket, exc)
+        except BotoCoreError as exc:
+            logger.warning("bucket unreachable at start bucket=%s error=%s; starting anyway", self.bucket, exc)
 
     # -- adding files ---------------------------------------------------------------------------
 

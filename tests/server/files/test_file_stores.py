@@ -137,3 +137,12 @@ def test_an_unreachable_bucket_is_a_503_not_a_500(tmp_path, s3_endpoint):
         assert response.status_code == 503 and response.json()["error_type"] == "store_unavailable"
         assert "S3 bucket" in response.json()["detail"]
         assert client.get("/files/" + "A" * 32).status_code == 503
+
+
+def test_a_missing_bucket_stops_the_start_with_what_to_fix(tmp_path, s3_endpoint):
+    from server.files.s3_store import UnusableBucket
+    from server.services import Services
+
+    settings = Settings(data_dir=tmp_path, storage_url="s3://no-such-bucket/x", storage_endpoint_url=s3_endpoint)
+    with pytest.raises(UnusableBucket, match="'no-such-bucket' of MULTITALK_STORAGE_URL does not exist"):
+        Services.from_settings(settings)
