@@ -105,9 +105,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from model.contract.errors import GenerationCancelled, InputError
     from model.contract.request import GenerationRequest, SpokenText
-    from model.pipeline import Pipeline
-    from model.weights.streaming import WeightsError
-    from model.weights.tiny import cached_tiny_weights
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     rank, output, seed = 0, args.out, args.seed
@@ -124,13 +121,22 @@ def run_generate(args: argparse.Namespace) -> int:
         seed = agreed_seed(seed)
         if rank:  # every rank decodes the same video; rank 0 writes it
             output = args.out.with_name(f".{args.out.stem}.rank{rank}.mp4")
-    weights = cached_tiny_weights() if args.weights == "tiny" else Path(args.weights)
     texts = [SpokenText(getattr(args, s.text.name), getattr(args, s.voice.name), s.text.name, s.voice.name)
              for s in TEXT_SOURCES if getattr(args, s.text.name) is not None]
     request = GenerationRequest.from_inputs(
         {spec.name: getattr(args, spec.name) for spec in (IMAGE, *AUDIO_SOURCES)}, output,
         {**{spec.name: getattr(args, spec.name) for spec in OPTION_FIELDS}, SEED.name: seed}, texts,
     )
+    try:  # before the model loads: a typo costs a second, not the minutes of loading 80 GB
+        request.check()
+    except InputError as exc:
+        logger.error("invalid input: %s", exc)
+        return 2
+    from model.pipeline import Pipeline
+    from model.weights.streaming import WeightsError
+    from model.weights.tiny import cached_tiny_weights
+
+    weights = cached_tiny_weights() if args.weights == "tiny" else Path(args.weights)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         execution = ExecutionOptions(attention=args.attention, weights=args.weight_storage, offload=args.offload,

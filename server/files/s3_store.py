@@ -86,11 +86,6 @@ class S3FileStore(FileStore):
 
     # -- adding files ---------------------------------------------------------------------------
 
-    async def save_upload(
-        self, stream: AsyncIterable[bytes], content_type: str | None, file_name: str | None
-    ) -> StoredFile:
-        return await self._save_stream(self.new_id(file_name, content_type), stream, content_type, file_name)
-
     async def _save_stream(self, file_id: str, stream: AsyncIterable[bytes], content_type: str | None,
                            file_name: str | None) -> StoredFile:
         """Spooled to a temporary file (memory up to 8 MiB), then uploaded: an S3 PUT needs its length first."""

@@ -92,11 +92,11 @@ class FileStore(ABC):
 
     # -- adding files ---------------------------------------------------------------------------
 
-    @abstractmethod
     async def save_upload(
         self, stream: AsyncIterable[bytes], content_type: str | None, file_name: str | None
     ) -> StoredFile:
         """Store an uploaded body (fal_v3's `POST /files/upload`); raises `UploadTooLarge` past the limit."""
+        return await self._save_stream(self.new_id(file_name, content_type), stream, content_type, file_name)
 
     @abstractmethod
     def add_file(self, source: Path, content_type: str | None, file_name: str | None = None) -> StoredFile:
@@ -229,11 +229,6 @@ class LocalFileStore(FileStore):
 
     # -- adding files ---------------------------------------------------------------------------
 
-    async def save_upload(
-        self, stream: AsyncIterable[bytes], content_type: str | None, file_name: str | None
-    ) -> StoredFile:
-        return await self._save_stream(self.new_id(file_name, content_type), stream, content_type, file_name)
-
     async def _save_stream(self, file_id: str, stream: AsyncIterable[bytes], content_type: str | None,
                            file_name: str | None) -> StoredFile:
         await self._write_stream(file_id, stream)
@@ -273,7 +268,7 @@ class LocalFileStore(FileStore):
 
     def get(self, file_id: str) -> StoredFile:
         """Everything known about a stored file (what `GET /files/<id>` serves)."""
-        path = self.path_for(file_id)
+        self.path_for(file_id)  # UnknownFile for a malformed id or no data
         try:
             meta = json.loads(self._meta_path(file_id).read_text())
         except FileNotFoundError:

@@ -524,7 +524,7 @@ PUBLIC = "http://10.1.2.3:8000/mt"  # a private address: fetching it over the ne
 
 
 @pytest.fixture
-def store(tmp_path) -> FileStore:
+def store(tmp_path) -> LocalFileStore:
     return LocalFileStore(tmp_path / "store", PUBLIC, max_upload_bytes=MiB)
 
 
