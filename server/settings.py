@@ -98,8 +98,9 @@ OPTIONS: tuple[Option, ...] = (
            "Credentials and region come from the usual AWS_* variables.", "--storage-url"),
     Option("storage_endpoint_url", str, "S3 API endpoint of a bucket not on AWS (MinIO, Cloudflare R2, GCS "
            "interoperability), e.g. http://minio:9000; addressed path-style.", None),
-    Option("storage_presigned_urls", _flag_bool, "Result URLs are presigned bucket URLs (valid 7 days) instead of "
-           "this server's /files/... (which streams from the bucket).", None),
+    Option("storage_presigned_urls", _flag_bool, "Result URLs are presigned bucket URLs instead of this server's "
+           "/files/... (which streams from the bucket): valid 7 days, or as long as temporary credentials last, and "
+           "naming the storage endpoint, which clients must reach.", None),
     Option("api_keys", _word_set, "Accepted API keys, comma-separated; requests must send "
            "`Authorization: Key <key>` (unset: no authentication).", None, ("serve",)),
     Option("max_queue", _optional_int, "Most jobs waiting in the queue; beyond it submits get 429 "

@@ -128,7 +128,7 @@ class GenerationRequest:
             FIELDS[spoken.text_field].check(spoken.text)
             FIELDS[spoken.voice_field].check(spoken.voice)
         too_long = speech_length_problem([(s.text_field, s.text) for s in self.spoken_texts], self.num_frames,
-                                         VIDEO_FPS)
+                                         VIDEO_FPS, in_turn=self.audio_mode == "add")
         if too_long is not None:
             raise InputError(*too_long)
 

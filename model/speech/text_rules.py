@@ -51,16 +51,18 @@ def max_speech_chars(num_frames: int, fps: int) -> int:
     return num_frames * CHARS_PER_SECOND // fps
 
 
-def speech_length_problem(texts: list[tuple[str, str]], num_frames: int, fps: int) -> tuple[str, str] | None:
-    """(field, reason) when the texts, spoken in turn, need more time than the video has, else None.
+def speech_length_problem(texts: list[tuple[str, str]], num_frames: int, fps: int,
+                          in_turn: bool = True) -> tuple[str, str] | None:
+    """(field, reason) when the texts need more time than the video has, else None.
 
-    `texts` is (field, text) per speaker, in speaking order; the field named is the first whose text
-    no longer fits after the ones before it.
+    `texts` is (field, text) per speaker, in speaking order. Spoken in turn (`add`), they share the video and
+    the field named is the first whose text no longer fits after the ones before it; spoken at once (`para`),
+    each has the whole video.
     """
     limit = max_speech_chars(num_frames, fps)
     used = 0
     for field, text in texts:
-        used += len(text.strip())
+        used = (used if in_turn else 0) + len(text.strip())
         if used > limit:
             together = " together with the text before it" if used > len(text.strip()) else ""
             return field, (f"is too long to be spoken in {num_frames} frames ({num_frames / fps:g} s): "

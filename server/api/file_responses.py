@@ -39,14 +39,16 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     """(start, end) of a single `bytes=` range, "unsatisfiable", or None for no (or an unsupported) range,
     which is answered with the whole file as RFC 9110 allows."""
     match = _RANGE.fullmatch((header or "").strip())
-    if match is None or match.groups() == ("", ""):
+    if match is None or match.groups() == ("", "") or max(map(len, match.groups())) > 18:  # past any file's size
         return None
     first, last = match.groups()
+    if first and last and int(first) > int(last):  # not a range at all: ignored, as for a malformed header
+        return None
     if first == "":  # the last N bytes
         start, end = max(size - int(last), 0), size - 1
     else:
         start, end = int(first), min(int(last), size - 1) if last else size - 1
-    if start >= size or start > end:
+    if start >= size:
         return "unsatisfiable"
     return start, end
 

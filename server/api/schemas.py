@@ -33,6 +33,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from model.contract.errors import InputError
 from model.contract.fields import (
+    AUDIO_MODE,
     AVATAR,
     AVATAR_MULTI,
     AVATAR_MULTI_TEXT,
@@ -178,7 +179,8 @@ class EndpointInput(BaseModel):
         """The texts to speak, in turn, within the speaking-rate limit of `num_frames` (the worker's own rule)."""
         texts = [(speaker.text.name, getattr(self, speaker.text.name)) for speaker in self.speakers_used
                  if speaker.text is not None]
-        too_long = speech_length_problem(texts, getattr(self, NUM_FRAMES.name), VIDEO_FPS)
+        too_long = speech_length_problem(texts, getattr(self, NUM_FRAMES.name), VIDEO_FPS,
+                                         in_turn=getattr(self, AUDIO_MODE.name, "add") == "add")
         if too_long is not None:
             name, reason = too_long
             raise _field_error(type(self), name, getattr(self, name),

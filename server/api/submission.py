@@ -24,6 +24,7 @@ worker builds its request from these alone and reads the files from the store; i
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,7 @@ from server.files.store import FileStore
 from server.jobs import Job, QueueFull
 from server.services import Services
 
+logger = logging.getLogger("multitalk.api")
 RETRY_AFTER_S = 30  # what a 429 suggests; a queue slot frees up when a job finishes
 
 
@@ -81,8 +83,7 @@ async def stage_inputs(inp: EndpointInput, files: FileStore, fetch: FetchSetting
                                                f"{field.removesuffix('_url')}{file.path.suffix}")
                 kept_ids[field] = kept.id
         except BaseException:  # e.g. the disk filled after the first input: keep none of them
-            for file_id in kept_ids.values():
-                files.delete(file_id)
+            await _delete_quietly(files, kept_ids.values())
             raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -110,11 +111,21 @@ async def accept(inp: EndpointInput, services: Services, base_url: str, webhook_
         return await run_in_threadpool(services.store.submit, inp.endpoint.app_id, stored_input, webhook_url, limit,
                                        owner)
     except BaseException as exc:
-        for file_id in stored_input["files"].values():
-            services.files.delete(file_id)
+        await _delete_quietly(services.files, stored_input["files"].values())
         if isinstance(exc, QueueFull):
             raise _queue_full(str(exc)) from None
         raise
+
+
+async def _delete_quietly(files: FileStore, file_ids) -> None:
+    """Remove inputs kept for a request that was not accepted, without hiding why it was not: a file the store
+    cannot delete now (an outage) is left to retention."""
+    for file_id in list(file_ids):
+        try:
+            await run_in_threadpool(files.delete, file_id)
+        except Exception:
+            logger.warning("could not delete an input of a refused request file_id=%s; retention will", file_id,
+                           exc_info=True)
 
 
 def _queue_full(detail: str) -> RequestError:

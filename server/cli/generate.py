@@ -128,6 +128,9 @@ def run_generate(args: argparse.Namespace) -> int:
         {**{spec.name: getattr(args, spec.name) for spec in OPTION_FIELDS}, SEED.name: seed}, texts,
     )
     try:  # before the model loads: a typo costs a second, not the minutes of loading 80 GB
+        for first, second in ((AUDIO_SOURCES[0], AUDIO_SOURCES[1]), (TEXT_SOURCES[0].text, TEXT_SOURCES[1].text)):
+            if getattr(args, second.name) is not None and getattr(args, first.name) is None:
+                raise InputError(second.name, f"{second.cli_flag} is person 2's; give person 1's {first.cli_flag} too")
         request.check()
     except InputError as exc:
         logger.error("invalid input: %s", exc)

@@ -21,6 +21,7 @@ Every failure is an `InputError` naming the field, in words a caller can act on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import binascii
 import os
@@ -279,7 +280,7 @@ async def fetch_input(
         if scheme and scheme.group(1).lower() == "data":
             download.feed(_decode_data_uri(url, field))
             return download.finish()
-        stored_id = _stored_file_id(url, field, local_files)
+        stored_id = await asyncio.to_thread(_stored_file_id, url, field, local_files)  # a bucket may be asked
         if stored_id is not None:
             return await asyncio.to_thread(_copy_stored, local_files, stored_id, download)
         fetching = _fetch_http(_http_url(url, field), download, settings)
@@ -317,7 +318,7 @@ def _stored_file_id(url: str, field: str, local_files: FileStore | None) -> str 
 
 def _copy_stored(files: FileStore, file_id: str, download: _Download) -> FetchedFile:
     """Copy an uploaded file through the same checks as a download (runs in a worker thread)."""
-    with files.open_read(file_id) as source:
+    with contextlib.closing(files.open_read(file_id)) as source:
         for chunk in iter(lambda: source.read(LOCAL_READ_BYTES), b""):
             download.feed(chunk)
     return download.finish()

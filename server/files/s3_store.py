@@ -39,6 +39,7 @@ from server.files.store import (
 logger = logging.getLogger("multitalk.files")
 
 FILE_NAME_KEY = "file-name"  # object metadata (x-amz-meta-file-name), percent-encoded: metadata is ASCII
+MAX_QUOTED_NAME = 1800  # bytes of the percent-encoded file name, within S3's 2 KB of user metadata
 PRESIGNED_URL_S = 7 * 24 * 3600  # the longest SigV4 allows
 
 
@@ -80,6 +81,10 @@ class S3FileStore(FileStore):
             if status in (401, 403):
                 raise UnusableBucket(f"access to the bucket {self.bucket!r} is denied: check AWS_ACCESS_KEY_ID / "
                                      "AWS_SECRET_ACCESS_KEY (or the instance role) and the bucket's policy") from None
+            if status in (301, 400):
+                region = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
+                raise UnusableBucket(f"the bucket {self.bucket!r} is in another region{f' ({region})' if region else ''}"
+                                     ": set AWS_DEFAULT_REGION to it") from None
             logger.warning("bucket check failed bucket=%s error=%s; starting anyway", self.bucket, exc)
         except BotoCoreError as exc:
             logger.warning("bucket unreachable at start bucket=%s error=%s; starting anyway", self.bucket, exc)
@@ -110,8 +115,12 @@ class S3FileStore(FileStore):
 
     def _put(self, file_id: str, body: BinaryIO, content_type: str | None, file_name: str | None) -> None:
         content_type, file_name = clean_metadata(content_type, file_name, file_id)
+        quoted = quote(file_name)
+        while len(quoted) > MAX_QUOTED_NAME:  # S3 keeps at most 2 KB of user metadata
+            file_name = file_name[:-1]
+            quoted = quote(file_name)
         self.client.upload_fileobj(body, self.bucket, self._data_key(file_id), ExtraArgs={
-            "ContentType": content_type, "Metadata": {FILE_NAME_KEY: quote(file_name)}})
+            "ContentType": content_type, "Metadata": {FILE_NAME_KEY: quoted}})
 
     def _put_pending(self, token: str, pending: dict) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._pending_key(token), Body=json.dumps(pending).encode(),
@@ -156,7 +165,9 @@ class S3FileStore(FileStore):
 
     def result_url(self, file_id: str) -> str:
         """With `presigned_urls`, a bucket URL that serves the file without credentials for `PRESIGNED_URL_S` (7 days,
-        SigV4's most; set the retention shorter), so downloads never pass through this server."""
+        SigV4's most; set the retention shorter), so downloads never pass through this server. Signed with temporary
+        credentials (an instance role), it lasts only as long as they do; it names the endpoint this server uses,
+        which clients must be able to reach."""
         if not self.presigned_urls:
             return super().result_url(file_id)
         return self.client.generate_presigned_url(
@@ -211,5 +222,7 @@ def _client(endpoint_url: str | None):
     import boto3
     from botocore.config import Config
 
-    config = Config(s3={"addressing_style": "path"} if endpoint_url else {}, retries={"mode": "standard"})
+    # Short connect/read limits: a request waits on the bucket in a worker thread, and an outage should be a quick 503
+    config = Config(s3={"addressing_style": "path"} if endpoint_url else {}, retries={"mode": "standard"},
+                    connect_timeout=5, read_timeout=30)
     return boto3.client("s3", endpoint_url=endpoint_url or None, config=config)

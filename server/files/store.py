@@ -21,6 +21,8 @@ size), `pending/<upload token>.json` (an initiated upload waiting for its PUT).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import mimetypes
 import os
@@ -117,7 +119,7 @@ class FileStore(ABC):
         """Store the PUT body for an initiated upload; `UnknownFile` for unknown or already used tokens."""
         if not _TOKEN.fullmatch(token):
             raise UnknownFile(token)
-        pending = self._claim_pending(token)
+        pending = await asyncio.to_thread(self._claim_pending, token)  # a bucket round trip: off the event loop
         return await self._save_stream(pending["id"], stream, pending["content_type"], pending["file_name"])
 
     # -- reading files --------------------------------------------------------------------------
@@ -139,7 +141,8 @@ class FileStore(ABC):
 
     @abstractmethod
     def open_read(self, file_id: str) -> BinaryIO:
-        """The file's bytes as a binary stream to read and close; `UnknownFile` when nothing is stored."""
+        """The file's bytes as a binary stream to read and close (`contextlib.closing`: a bucket's stream is a
+        context manager that hands out its unchecked raw stream); `UnknownFile` when nothing is stored."""
 
     @abstractmethod
     def read_range(self, file_id: str, start: int, end: int) -> Iterator[bytes]:
@@ -152,7 +155,7 @@ class FileStore(ABC):
         if path is not None:
             return path
         target = Path(folder) / file_id
-        with self.open_read(file_id) as source, target.open("wb") as out:
+        with contextlib.closing(self.open_read(file_id)) as source, target.open("wb") as out:
             shutil.copyfileobj(source, out, READ_CHUNK_BYTES)
         return target
 

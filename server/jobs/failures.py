@@ -38,7 +38,7 @@ STORAGE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, redis.RedisError, 
 _UNAVAILABLE_REDIS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError,
                       redis.exceptions.TryAgainError, redis.exceptions.MasterDownError)
 _UNAVAILABLE_BUCKET = (boto.EndpointConnectionError, boto.ConnectionClosedError, boto.ReadTimeoutError,
-                       boto.ConnectTimeoutError)
+                       boto.ConnectTimeoutError, boto.ResponseStreamingError, boto.IncompleteReadError)
 _BUSY_BUCKET_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}
 _SQLITE_FULL = 13
 _SQLITE_DAMAGED = {11: "SQLITE_CORRUPT", 26: "SQLITE_NOTADB"}

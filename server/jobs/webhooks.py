@@ -326,16 +326,24 @@ class WebhookSender:
                 return
             delivery = _Delivery.of(job)
             state, retry_in_s, outcome = await self._attempt(delivery)
-            await asyncio.to_thread(self.store.append_log, id, f"webhook attempt {delivery.attempt} to "
-                                    f"{delivery.host}: {outcome}", "INFO" if state == WEBHOOK_DELIVERED else "WARN")
             if not await asyncio.to_thread(self.store.record_webhook_attempt, id, delivery.attempt, state, retry_in_s):
                 logger.warning("webhook attempt outlived its hold request_id=%s attempt=%d host=%s; the next "
                                "attempt decides", id, delivery.attempt, delivery.host)
             elif state == WEBHOOK_PENDING:
                 self._loop.call_later(retry_in_s, self._wakeup.set)
+            await self._note(id, f"webhook attempt {delivery.attempt} to {delivery.host}: {outcome}",
+                             "INFO" if state == WEBHOOK_DELIVERED else "WARN")
         except Exception as exc:  # a store outage (logged once) or a bug: taken again when its hold ends
             if self._outage.noted(exc) is None:
                 logger.exception("webhook attempt could not be taken or recorded request_id=%s", id)
+
+    async def _note(self, id: str, message: str, level: str) -> None:
+        """The attempt in the request's logs, where its client sees it; a line lost to an outage is only a line."""
+        try:
+            await asyncio.to_thread(self.store.append_log, id, message, level)
+        except Exception as exc:
+            if self._outage.noted(exc) is None:
+                raise
 
     async def _attempt(self, delivery: _Delivery) -> tuple[WebhookState, float, str]:
         """One try: what to record (delivered, failed, or pending again), when pending the delay, and what happened

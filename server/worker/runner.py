@@ -182,13 +182,31 @@ class Worker:
         self.store_outage.recovered()
         return result
 
+    def _through_file_store_outage(self, call: Callable[[], T], lease: LeaseKeeper) -> T:
+        """`call()`, retried with backoff while the file store (a bucket) is unreachable and the job still ours: minutes
+        of generation are not thrown away, nor a job failed, for an outage that passes. A full store, or any other
+        error, is raised at once."""
+        outage = StoreOutage(logger, "while reading or writing the file store")
+        while True:
+            try:
+                result = call()
+            except Exception as exc:
+                failure = storage_failure(exc)
+                if failure is None or failure.kind != "unavailable" or lease.lost.is_set():
+                    raise
+                lease.lost.wait(outage.failed(failure))
+                continue
+            outage.recovered()
+            return result
+
     def _log(self, job: Job, message: str, level: str = "INFO") -> None:
         self._unless_store_down(lambda: self.store.append_log(job.id, message, level), None)
 
     def _run(self, job: Job, lease: LeaseKeeper) -> JobEnd:
         workdir = self.scratch.make_dir(f"job-{job.id[:8]}-")
         try:
-            request = GenerationRequest.from_inputs(self._stored_inputs(job, workdir), workdir / "output.mp4",
+            inputs = self._through_file_store_outage(lambda: self._stored_inputs(job, workdir), lease)
+            request = GenerationRequest.from_inputs(inputs, workdir / "output.mp4",
                                                     {**job.input["options"], **self.settings.request_overrides},
                                                     job.input.get("speech", ()))
 
@@ -200,7 +218,8 @@ class Worker:
                                                                       False)
 
             generated = self.pipeline.generate(request, progress, should_cancel)
-            stored = self.files.add_file(generated.video, "video/mp4", f"multitalk-{job.id[:8]}.mp4")
+            stored = self._through_file_store_outage(
+                lambda: self.files.add_file(generated.video, "video/mp4", f"multitalk-{job.id[:8]}.mp4"), lease)
             speech_s = generated.timings.get("speech_s")
             speech = f" (speech synthesis {speech_s:.1f} s)" if speech_s is not None else ""
             self._log(job, f"done: {generated.num_frames} frames at {generated.width}x{generated.height} in "

@@ -84,6 +84,14 @@ def test_the_second_text_is_named_when_the_first_fits_but_both_together_do_not(a
     assert error["loc"] == ["body", "first_text_input"]
 
 
+def test_texts_spoken_at_once_each_have_the_whole_video(api, image_uri):
+    """`audio_mode: para`: 81 frames hold 64 characters per text, not 64 for both."""
+    body = {**MULTI_TEXT, "num_frames": 81, "audio_mode": "para", "image_url": image_uri}  # 31 and 41 characters
+    assert _stored(api, _submit(api, "fal-ai/ai-avatar/multi-text", body)).input["options"]["audio_mode"] == "para"
+    error = _refusal(api, "multi-text", {**body, "second_text_input": "word " * 14})
+    assert error["loc"] == ["body", "second_text_input"] and "69 characters, at most 64 fit" in error["msg"]
+
+
 @pytest.mark.parametrize("endpoint, field", [("single-text", "voice"), ("multi-text", "voice1"),
                                              ("multi-text", "voice2")])
 def test_an_unknown_voice_is_a_422_naming_the_field_and_listing_the_choices(api, endpoint, field):

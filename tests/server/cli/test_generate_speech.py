@@ -34,4 +34,6 @@ def test_a_bad_text_or_voice_is_refused_naming_the_field(tiny_weights, example_i
     both = _generate(tiny_weights, example_inputs, tmp_path / "no.mp4", "--text", "Hello.",
                      "--audio", str(example_inputs["audio1"]))
     assert both.returncode == 2 and "as audio or as text, not both" in both.stderr
+    alone = _generate(tiny_weights, example_inputs, tmp_path / "no.mp4", "--text2", "Hello.")
+    assert alone.returncode == 2 and "--text2 is person 2's; give person 1's --text too" in alone.stderr
     assert not (tmp_path / "no.mp4").exists()

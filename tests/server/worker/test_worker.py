@@ -231,3 +231,17 @@ def test_the_heartbeat_announces_the_worker_again_as_soon_as_the_store_is_back(t
         announced = _wait_for(lambda: [w.id for w in store.live_workers()] == ["w1"], timeout_s=60)
     assert announced
     store.close()
+
+
+def test_a_bucket_outage_while_keeping_the_inputs_or_the_video_is_waited_out(quick_worker, example_inputs, monkeypatch):
+    """Minutes of generation are not thrown away for an outage of the file store that passes."""
+    from botocore.exceptions import EndpointConnectionError
+
+    worker = quick_worker
+    job = _submit(worker, _input(example_inputs))
+    unreachable = EndpointConnectionError(endpoint_url="http://bucket.example")
+    monkeypatch.setattr("server.jobs.failures.StoreOutage.failed", lambda self, failure: 0.01)
+    monkeypatch.setattr(worker.files, "local_copy", failing_first(worker.files.local_copy, 2, unreachable))
+    monkeypatch.setattr(worker.files, "add_file", failing_first(worker.files.add_file, 3, unreachable))
+    assert worker.run_once()
+    assert worker.store.get(job.id).outcome == "OK" and worker.files.add_file.calls == 4
