@@ -15,6 +15,7 @@ part-of-speech choice between a few heteronyms ("read", "live"), which take thei
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from pathlib import Path
@@ -33,6 +34,7 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "kokoro-v1_0.pth"
 VOICES_DIR = "voices"
 REPO_ID = "hexgrad/Kokoro-82M"
+G2P_LOCK = threading.Lock()
 
 # Penn Treebank tags misaki's G2P reads, set by rules instead of a statistical tagger (see the module docstring).
 _RULE_TAGS = (
@@ -46,8 +48,12 @@ _RULE_TAGS = (
 )
 
 
+@functools.cache
 def offline_g2p(british: bool):
-    """misaki's English G2P (American or British) on spaCy's rule-based tokenizer; needs no download."""
+    """misaki's English G2P (American or British) on spaCy's rule-based tokenizer; needs no download.
+
+    One per accent per process, shared by every synthesizer and used under `G2P_LOCK`: its espeak-ng fallback is
+    a C library that is not thread-safe, and each backend instance loads a copy of it."""
     import spacy
     from misaki import en, espeak
 
@@ -89,18 +95,14 @@ class SpeechSynthesizer:
         self.model = KModel(repo_id=REPO_ID, config=str(folder / CONFIG_FILE), model=str(folder / MODEL_FILE))
         self.model.to(self.device).eval()
         self.context = self.model.context_length - 2  # the phonemes one utterance may have (510)
-        self._g2p: dict[bool, object] = {}
         self._packs: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         logger.info("speech model loaded folder=%s device=%s", folder, self.device)
 
     def phonemes(self, text: str, british: bool) -> str:
         """The phonemes of `text` in Kokoro's alphabet (misaki's output)."""
-        with self._lock:
-            if british not in self._g2p:
-                self._g2p[british] = offline_g2p(british)
-            g2p = self._g2p[british]
-        phonemes, _ = g2p(text)
+        with G2P_LOCK:
+            phonemes, _ = offline_g2p(british)(text)
         return phonemes.strip()
 
     def voice_pack(self, voice_id: str) -> torch.Tensor:
