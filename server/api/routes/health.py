@@ -43,10 +43,7 @@ def store_problem(services: Services) -> StorageFailure | None:
         services.store.counts()
     except Exception as exc:
         return storage_failure_or_raise(exc)
-    data_dir = services.settings.data_path  # on a host keeping its files in a bucket, it may never be made
-    while not data_dir.exists() and data_dir != data_dir.parent:
-        data_dir = data_dir.parent
-    free = shutil.disk_usage(data_dir).free
+    free = shutil.disk_usage(services.settings.data_path).free
     if free < MIN_FREE_BYTES:
         return StorageFailure("full", f"the data dir is full ({free} bytes free); {FREE_SPACE_HINT}")
     return None
