@@ -38,7 +38,7 @@ class Services:
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
         data = settings.data_path
-        data.mkdir(parents=True, exist_ok=True)  # made at start even when jobs and files live elsewhere: /healthz watches it
+        data.mkdir(parents=True, exist_ok=True)  # even when jobs and files live elsewhere: /healthz watches it
         fetch = FetchSettings(allowed_hosts=settings.fetch_allowed_hosts)
         store = open_job_store(settings.redis_url, data)
         return cls(
