@@ -115,10 +115,13 @@ class DamagedJobStore(sqlite3.DatabaseError):
 
 class _ThreadConnection:
     """A thread's connection, held only by that thread's `threading.local`: when the thread ends, Python
-    drops its locals and this closes the connection."""
+    drops its locals and this closes the connection. `lock` is held while the connection is in use, so
+    that `close` from another thread waits for the statement running on it: closing a connection under
+    a running statement crashes the interpreter (a segfault, not an exception)."""
 
     def __init__(self, db: sqlite3.Connection):
         self.db = db
+        self.lock = threading.Lock()
         weakref.finalize(self, db.close)
 
 
@@ -127,8 +130,9 @@ class SqliteJobStore(JobStore):
 
     One connection per thread, opened on first use and closed when the thread ends (server thread
     pools retire idle threads: keeping their connections open leaked a file descriptor per retired
-    thread). Open a new store in a forked child rather than using one created before the fork
-    (SQLite connections must not cross a fork)."""
+    thread) or when the store closes, whichever comes first; a closed store refuses every call. Open a
+    new store in a forked child rather than using one created before the fork (SQLite connections
+    must not cross a fork)."""
 
     def __init__(self, path: Path | str):
         self._path = Path(path)
@@ -136,9 +140,11 @@ class SqliteJobStore(JobStore):
         self._local = threading.local()
         self._connections: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()  # the threads' live ones
         self._connections_lock = threading.Lock()
+        self._closed = False
         try:
             self._check_intact()
-            self._db().execute("PRAGMA journal_mode=WAL")  # stored in the file: every later connection uses it
+            with self._connection() as db:
+                db.execute("PRAGMA journal_mode=WAL")  # stored in the file: every later connection uses it
             with self._write() as db:
                 for statement in _SCHEMA.split(";"):
                     db.execute(statement)
@@ -156,69 +162,84 @@ class SqliteJobStore(JobStore):
     def _check_intact(self) -> None:
         """Read every page once (PRAGMA quick_check): a damaged page would otherwise only show when a
         read reaches it, with the server already up and answering."""
-        problems = [row[0] for row in self._db().execute("PRAGMA quick_check")]
+        with self._connection() as db:
+            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             raise DamagedJobStore(self._path, "; ".join(problems[:3]))
 
-    def _db(self) -> sqlite3.Connection:
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, held for the block: read every row inside it."""
         owned = getattr(self._local, "connection", None)
         if owned is None:
-            # isolation_level=None: no implicit transactions, each change is an explicit one below.
-            db = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-            db.row_factory = sqlite3.Row
-            owned = self._local.connection = _ThreadConnection(db)
             with self._connections_lock:
+                if self._closed:
+                    raise sqlite3.ProgrammingError(f"the job store {self._path} is closed")
+                # isolation_level=None: no implicit transactions, each change is an explicit one below.
+                db = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None,
+                                     check_same_thread=False)
+                db.row_factory = sqlite3.Row
+                owned = self._local.connection = _ThreadConnection(db)
                 self._connections.add(owned)
-        return owned.db
+        with owned.lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError(f"the job store {self._path} is closed")
+            yield owned.db
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One transaction holding the write lock from its first statement on."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            if db.in_transaction:  # SQLITE_FULL and others roll back by themselves; a ROLLBACK would hide them
-                db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        with self._connection() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                if db.in_transaction:  # SQLITE_FULL and others roll back by themselves; a ROLLBACK would hide them
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def close(self) -> None:
+        """Close every thread's connection, each once the statement running on it (if any) is done."""
         with self._connections_lock:
+            self._closed = True
             for owned in list(self._connections):
-                owned.db.close()
+                with owned.lock:
+                    owned.db.close()
             self._connections.clear()
-        self._local = threading.local()
 
     def get(self, id: str) -> Job | None:
-        row = self._db().execute("SELECT * FROM jobs WHERE id = ?", (id,)).fetchone()
+        with self._connection() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (id,)).fetchone()
         return None if row is None else Job.from_record(dict(row))
 
     def queue_position(self, id: str) -> int:
         # When the job is not queued the inner SELECT is NULL, `seq < NULL` is never true: 0.
-        return self._db().execute(
-            "SELECT COUNT(*) FROM jobs WHERE status = :queued AND seq < "
-            "(SELECT seq FROM jobs WHERE id = :id AND status = :queued)", {"id": id, "queued": IN_QUEUE},
-        ).fetchone()[0]
+        with self._connection() as db:
+            return db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = :queued AND seq < "
+                "(SELECT seq FROM jobs WHERE id = :id AND status = :queued)", {"id": id, "queued": IN_QUEUE},
+            ).fetchone()[0]
 
     def logs(self, id: str, since: int = 0) -> list[dict[str, Any]]:
-        rows = self._db().execute(
-            "SELECT message, level, source, timestamp FROM logs WHERE job_id = ? ORDER BY seq LIMIT -1 OFFSET ?",
-            (id, since),
-        ).fetchall()
+        with self._connection() as db:
+            rows = db.execute(
+                "SELECT message, level, source, timestamp FROM logs WHERE job_id = ? ORDER BY seq LIMIT -1 OFFSET ?",
+                (id, since),
+            ).fetchall()
         return [dict(row) for row in rows]
 
     def counts(self) -> dict[str, Any]:
         counts: dict[str, Any] = {"queued": 0, "running": 0, "completed": dict.fromkeys(OUTCOMES, 0)}
-        rows = self._db().execute("SELECT status, outcome, COUNT(*) FROM jobs GROUP BY status, outcome")
+        with self._connection() as db:
+            rows = db.execute("SELECT status, outcome, COUNT(*) FROM jobs GROUP BY status, outcome").fetchall()
+            pending = db.execute("SELECT COUNT(*) FROM jobs WHERE webhook_due_at IS NOT NULL").fetchone()[0]
         for status, outcome, n in rows:
             if status == COMPLETED:
                 counts["completed"][outcome] = n
             else:
                 counts["queued" if status == IN_QUEUE else "running"] += n
-        counts["webhooks_pending"] = self._db().execute("SELECT COUNT(*) FROM jobs WHERE webhook_due_at IS NOT NULL"
-                                                        ).fetchone()[0]
+        counts["webhooks_pending"] = pending
         return counts
 
     def forget_worker(self, worker_id: str) -> None:
@@ -245,8 +266,9 @@ class SqliteJobStore(JobStore):
             return _apply(db, db.execute("SELECT * FROM jobs WHERE id = ?", (id,)).fetchone(), change)
 
     def _expired_ids(self, now: float) -> list[str]:
-        rows = self._db().execute("SELECT id FROM jobs WHERE status = ? AND lease_expires_at < ? ORDER BY seq",
-                                  (IN_PROGRESS, now))
+        with self._connection() as db:
+            rows = db.execute("SELECT id FROM jobs WHERE status = ? AND lease_expires_at < ? ORDER BY seq",
+                              (IN_PROGRESS, now)).fetchall()
         return [id for (id,) in rows]
 
     def _push_log(self, id: str, entry: dict[str, Any]) -> None:
@@ -255,8 +277,9 @@ class SqliteJobStore(JobStore):
                        "VALUES (:job_id, :message, :level, :source, :timestamp)", {"job_id": id, **entry})
 
     def _webhooks_due_at(self, now: float) -> list[tuple[str, str]]:
-        rows = self._db().execute("SELECT id, webhook_url FROM jobs WHERE webhook_due_at <= ? ORDER BY webhook_due_at",
-                                  (now,))
+        with self._connection() as db:
+            rows = db.execute("SELECT id, webhook_url FROM jobs WHERE webhook_due_at <= ? ORDER BY webhook_due_at",
+                              (now,)).fetchall()
         return [(id, url) for id, url in rows]
 
     def _delete_finished(self, before: float) -> list[str]:
@@ -268,7 +291,8 @@ class SqliteJobStore(JobStore):
         return ids
 
     def _read_stats(self) -> dict[str, float]:
-        return dict(self._db().execute("SELECT name, value FROM stats").fetchall())
+        with self._connection() as db:
+            return dict(db.execute("SELECT name, value FROM stats").fetchall())
 
     def _save_worker(self, worker: WorkerInfo, expires_at: float) -> None:
         with self._write() as db:
@@ -277,7 +301,8 @@ class SqliteJobStore(JobStore):
                                       "expires_at": expires_at})
 
     def _workers_alive_at(self, now: float) -> list[WorkerInfo]:
-        rows = self._db().execute("SELECT id, info, seen_at FROM workers WHERE expires_at > ?", (now,))
+        with self._connection() as db:
+            rows = db.execute("SELECT id, info, seen_at FROM workers WHERE expires_at > ?", (now,)).fetchall()
         return [WorkerInfo(id=id, seen_at=seen_at, info=json.loads(info)) for id, info, seen_at in rows]
 
 

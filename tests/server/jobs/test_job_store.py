@@ -494,6 +494,44 @@ def test_threads_that_end_leave_no_sqlite_connection_open(tmp_path):
     assert _open_files_on(path) == 0
 
 
+def _close_under_running_reads(folder: Path, rounds: int, readers: int) -> None:
+    """In a child process: close stores while threads read from them. Exits 1 when a reader ended in
+    anything but the closed store's refusal, dies of SIGSEGV where close pulls a connection from
+    under a running statement."""
+    for round in range(rounds):
+        store = SqliteJobStore(folder / f"jobs-{round}.sqlite3")
+        endings: list[BaseException | None] = []
+
+        def read() -> None:
+            try:
+                while True:
+                    store.due_webhooks()
+                    store.counts()
+            except BaseException as exc:  # the child reports how every reader ended
+                endings.append(exc)
+
+        threads = [threading.Thread(target=read) for _ in range(readers)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.005)
+        store.close()
+        for thread in threads:
+            thread.join(10)
+        if any(thread.is_alive() for thread in threads) or not all(
+                isinstance(exc, sqlite3.ProgrammingError) and "is closed" in str(exc) for exc in endings):
+            raise SystemExit(1)
+
+
+def test_closing_the_store_under_running_reads_waits_for_them_and_refuses_later_calls(tmp_path):
+    """Shutdown closes the store while the webhook sender's threads may still be reading it: each running
+    statement finishes, each later call is refused, and the process does not crash (it did: CI died of
+    a segfault in one such read)."""
+    child = multiprocessing.get_context("spawn").Process(target=_close_under_running_reads, args=(tmp_path, 100, 4))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0
+
+
 def test_a_file_made_before_webhooks_gains_their_columns(tmp_path):
     """The jobs table as the first release made it (no owner, no webhook columns)."""
     path = tmp_path / "jobs.sqlite3"
