@@ -116,11 +116,22 @@ class FileStore(ABC):
         return PendingUpload(upload_url=f"{self.public_base_url}{UPLOADS_PATH}{token}", file_url=self.url_for(file_id))
 
     async def complete_upload(self, token: str, stream: AsyncIterable[bytes]) -> StoredFile:
-        """Store the PUT body for an initiated upload; `UnknownFile` for unknown or already used tokens."""
+        """Store the PUT body for an initiated upload; `UnknownFile` for unknown or already used tokens.
+
+        A PUT that breaks off (the client went away, the store failed) gives the token back, so the
+        client can send the bytes again to the URL it was given; one refused as too large does not.
+        """
         if not _TOKEN.fullmatch(token):
             raise UnknownFile(token)
         pending = await asyncio.to_thread(self._claim_pending, token)  # a bucket round trip: off the event loop
-        return await self._save_stream(pending["id"], stream, pending["content_type"], pending["file_name"])
+        try:
+            return await self._save_stream(pending["id"], stream, pending["content_type"], pending["file_name"])
+        except UploadTooLarge:
+            raise
+        except Exception:
+            with contextlib.suppress(Exception):  # the store may be what failed: the first error is the one to report
+                await asyncio.to_thread(self._put_pending, token, pending)
+            raise
 
     # -- reading files --------------------------------------------------------------------------
 

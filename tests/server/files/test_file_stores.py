@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from starlette.requests import ClientDisconnect
 
 from server.app import create_app
 from server.files.s3_store import S3FileStore
@@ -58,6 +59,23 @@ def test_initiated_upload_works_once(store):
     with pytest.raises(UnknownFile):
         asyncio.run(store.complete_upload(token, _chunks(b"overwrite")))
     assert _bytes_of(store, stored.id) == b"png bytes"
+
+
+async def _broken_off(part: bytes):
+    """A PUT body whose client goes away after the first chunk."""
+    yield part
+    raise ClientDisconnect()
+
+
+def test_an_initiated_upload_that_breaks_off_can_be_sent_again(store):
+    pending = store.initiate_upload("audio/wav", "voice.wav")
+    token = pending.upload_url.rsplit("/", 1)[1]
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(store.complete_upload(token, _broken_off(DATA[:100])))
+    with pytest.raises(UnknownFile):
+        store.resolve_url(pending.file_url)  # nothing half-written is served
+    stored = asyncio.run(store.complete_upload(token, _chunks(DATA)))
+    assert stored.url == pending.file_url and _bytes_of(store, stored.id) == DATA
 
 
 def test_an_upload_past_the_limit_keeps_nothing(store):
