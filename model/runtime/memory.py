@@ -12,7 +12,7 @@ Expected difference from `bf16` (all differences come from the storage rounding,
                in the compute dtype on the upcast weights, so the model equals a bf16 model whose
                block weights were rounded to fp8 and back.
   fp8          weights rounded to fp8 with one fp32 scale per output row (amax/448), activations
-               likewise per token at every call, then a float8 matmul (`torch._scaled_mm`, fp32
+               likewise per token at every call (an all-zero token stays zeros), then a float8 matmul (`torch._scaled_mm`, fp32
                accumulation — on Hopper the fast-accumulation variant); roughly ±3% per element.
   int8         weights rounded to int8 with one scale per output row (amax/127); the matmul runs on the
                int8 values cast to the compute dtype and the row scales multiply its output, so the
@@ -36,6 +36,12 @@ from model.runtime.pinned_blocks import pack_blocks
 # (patch_embedding, condition_embedder, norm) and `_keep_in_fp32_modules`, which diffusers adds.
 FP8_STORAGE_SKIP_PATTERNS = (*DEFAULT_SKIP_MODULES_PATTERN, "audio_proj", "norm_audio", "scale_shift_table", r"\.lora_")
 FP8_MIN_CUDA_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with float8 tensor cores
+# weights='fp8' scales each token's activations by amax/448. A token whose input to a block linear is all zeros (the
+# text padding or a silent speaker's audio tokens, where a layer has zero biases) has amax 0, hence scale 0, and
+# would quantise to 0/0 = NaN, which attention then spreads to every token: the first H200 run's fp8 output was all
+# NaN on random weights with zero biases (2026-12-04). A floor on amax keeps such a token at exact zeros; a real
+# activation row is never this small.
+FP8_ACTIVATION_AMAX_FLOOR = 1e-12
 
 
 def prepare_memory(transformer: nn.Module, weights: str, offload: str, device: torch.device | str) -> None:
@@ -68,7 +74,9 @@ def apply_weight_storage(transformer: nn.Module, mode: str, device: torch.device
         raise ValueError(f"unknown weights mode {mode!r}")
     quantization = _import_torchao_quantization(mode)
     if mode == "fp8":
-        config = quantization.Float8DynamicActivationFloat8WeightConfig(granularity=quantization.PerRow())
+        config = quantization.Float8DynamicActivationFloat8WeightConfig(
+            granularity=quantization.PerRow(), activation_value_lb=FP8_ACTIVATION_AMAX_FLOOR
+        )
     else:
         config = quantization.Int8WeightOnlyConfig()  # per output row
     quantization.quantize_(transformer, config, filter_fn=is_block_linear)

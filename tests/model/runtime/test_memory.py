@@ -276,6 +276,22 @@ def test_fp8_runs_float8_matmuls_on_rowwise_fp8_weights_and_activations(tiny_wei
     _assert_differs(output, _velocity(plain, torch.bfloat16), at_least=1e-2)
 
 
+def test_fp8_keeps_a_token_whose_activations_are_all_zero_exact(tiny_weights, monkeypatch):
+    """An all-zero input row (text padding or a silent speaker's audio tokens through layers with zero biases) has
+    amax 0: without a floor its scale would be 0 and it would quantise to 0/0 = NaN, which attention spreads to every
+    token (the first H200 run's fp8 output was all NaN, 2026-12-04). With the floor the row gives exactly the bias."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr("torchao.quantization.quant_api._check_hardware_support", lambda granularity: None)
+    model = _model(tiny_weights, torch.bfloat16)
+    apply_weight_storage(model, "fp8", "cuda")
+    layer = model.blocks[0].attn2.to_k
+    x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    x[0, 1] = 0
+    out = layer(x)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[0, 1], layer.bias.detach())
+
+
 def test_fp8_refuses_devices_without_float8_matmuls(tiny_weights, monkeypatch):
     model = _model(tiny_weights, torch.bfloat16)
     with pytest.raises(ValueError, match=r"weights='fp8' needs float8 matmuls.*found device cpu"):
