@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from model.media.image_input import BUCKETS
+from model.media.image_input import largest_bucket
 from model.pipeline import AUDIO_CONTEXT_S
 from model.runtime.attention_backends import apply_attention_backend
 from model.runtime.memory import is_block_linear
@@ -144,7 +144,7 @@ def transformer_weights(transformer) -> dict[str, int]:
 def measure_clip(components: dict, resolution: str, speakers: int, passes: int) -> int:
     """Peak bytes above the resident weights while one 81-frame clip is made (see the module docstring)."""
     transformer, vae, image_encoder = components["transformer"], components["vae"], components["image_encoder"]
-    height, width = max(BUCKETS[resolution].values(), key=lambda hw: hw[0] * hw[1])  # the most tokens
+    height, width = largest_bucket(resolution)
     recipe = recipe_for("none" if passes == 3 else "high", resolution, ["lightx2v"] if passes == 2 else [])
     settings = SamplingSettings(sampling_timesteps(MEASURED_STEPS, recipe.shift), recipe.guidance, None, 1.0)
     transformer.rope._tables.clear()  # the RoPE tables cached for the last grid: each case builds and counts its own

@@ -56,6 +56,11 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 _MALFORMED_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
 
+def largest_bucket(resolution: str) -> tuple[int, int]:
+    """(H, W) of `resolution`'s bucket with the most pixels: its largest request, which memory plans are sized for."""
+    return max(BUCKETS[resolution].values(), key=lambda hw: hw[0] * hw[1])
+
+
 def choose_bucket(src_h: int, src_w: int, resolution: str) -> tuple[str, tuple[int, int]]:
     """(key, (H, W)) of the bucket whose h/w is nearest the image's; ties go to the earlier entry, as the original."""
     if resolution not in BUCKETS:

@@ -158,9 +158,17 @@ def test_every_stage_runs_on_the_tiny_models_on_a_cpu(gpu_proof, tmp_path):
         assert r[name]["s_per_step"] > 0 and r[name]["ratio_to_floor"] > 0
         assert {"gpu_peak_bytes", "error"} & set(r[name]["memory"]["prediction"])
     assert r["dit_teacache_skip"]["teacache_skip"] and r["dit_teacache_skip"]["s_per_step"] > 0
+    assert r["dit_720p"]["passes"] == 3 and len(r["dit_720p"]["step_seconds"]) == 1  # one step: the peak
+    assert r["dit_720p"]["ratio_to_floor"] > 0
+    assert r["dit_720p"]["memory"]["prediction"]["case"]["resolution"] == "720p"
 
     assert r["vae"]["frames"] == 21 and r["vae"]["latent_shape"] == [1, 16, 6, 4, 8]
     assert r["vae"]["encode_s"] > 0 and r["vae"]["decode_s"] > 0
+    variants = r["vae"]["variants"]
+    assert list(variants) == ["served", "fp32", "bf16"]
+    assert variants["served"]["decode_error_vs_fp32"]["max"] == 0  # a CPU has no TF32: the same fp32 arithmetic
+    assert 0 < variants["bf16"]["decode_error_vs_fp32"]["max"] < 0.2
+    assert variants["bf16"]["encode_error_vs_fp32"]["finite"]
     assert all(r["encoders"][f"{name}_s"] > 0 for name in ("umt5", "clip", "wav2vec2"))
     assert set(r["encoders"]["weights_bytes"]) == {"text_encoder", "image_encoder", "audio_encoder"}
 
@@ -174,11 +182,13 @@ def test_every_stage_runs_on_the_tiny_models_on_a_cpu(gpu_proof, tmp_path):
     fp8 = {row["weights"]: row for row in r["fp8"]["rows"]}
     assert fp8["bf16"]["status"] == "ok" and fp8["fp8"]["status"] == "unavailable"  # float8 matmuls need a GPU
     assert fp8["fp8-storage"]["status"] == "ok" and 0 < fp8["fp8-storage"]["error_vs_bf16"]["max"] < 0.1
+    assert fp8["bf16+compile"]["status"] == "ok" and fp8["bf16+compile"]["s_per_step"] > 0
+    assert fp8["fp8+compile"]["status"] == "unavailable"
 
     assert r["offload"]["s_per_step"] > 0 and r["offload"]["block_parameter_bytes"] > 0
     assert "offloaded_host_bytes_at_full_depth" in r["offload"] and r["offload"]["page_locked_block_bytes"] == 0  # CPU: none
 
-    assert [row["stage"] for row in r["memory"]["rows"]] == ["dit_none", "dit_lora", "offload"]
+    assert [row["stage"] for row in r["memory"]["rows"]] == ["dit_none", "dit_lora", "dit_720p", "offload"]
     assert {"gpu_peak_bytes", "error"} & set(r["memory"]["predicted_720p"])
 
     assert [c["key"] for c in result["targets"]] == ["none_ratio_to_floor", "e2e_high_s", "peak_gb_480p", "peak_gb_720p",
@@ -195,3 +205,12 @@ def test_with_no_budget_every_stage_is_skipped_with_the_reason(gpu_proof, tmp_pa
     for name, entry in result["stages"].items():
         assert entry["status"] == "skipped", name
         assert entry["reason"].startswith(f"needs ≈ {gpu_proof.ESTIMATES_S['tiny'][name]:g} s")
+
+
+def test_stages_runs_only_the_named_stages_in_the_scripts_order(gpu_proof, tmp_path):
+    done, result = run_proof(tmp_path, "--budget-s", "0", "--stages", "memory,versions")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list(result["stages"]) == ["versions", "memory"]
+    with pytest.raises(SystemExit):
+        gpu_proof.parse_args(["--stages", "versions,warp_drive"])
+
