@@ -2,9 +2,10 @@
 
 On Ampere and newer GPUs torch lets cuDNN run float32 convolutions in TF32 by default
 (`torch.backends.cudnn.allow_tf32` is True), which rounds their inputs to a 10-bit mantissa: about
-1e-3 relative error against true float32. The models that run in float32 to match the original's
-float32 reference (wav2vec2, the Wan VAE) turn it off around their calls; everything else (the DiT in
-bf16) keeps the process's settings. The cost is small: those models run once per clip.
+1e-3 relative error against true float32. wav2vec2 runs in true float32 to match the original, which runs it on
+the CPU; it turns TF32 off around its calls (milliseconds per request). Everything else keeps the process's
+settings: the DiT in bf16, and the Wan VAE, whose convolutions the original also runs in TF32 on a GPU
+(`model.encoders.vae`).
 
 The flags are process-global and the embedded workers of `multitalk serve --workers N` are threads of
 one process, so scopes are counted: the first to enter saves and clears the flags, the last to leave
