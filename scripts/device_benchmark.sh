@@ -2,7 +2,8 @@
 # The GPU proof (scripts/gpu_proof.py) on a lent GPU machine that has no network, in ONE device call.
 #
 # That machine's python3 (3.12) has torch 2.11 + CUDA, transformers, accelerate, peft, safetensors, scipy and
-# lazy-loader, but not diffusers, ftfy (+ wcwidth), torchao (weights fp8), librosa, pyloudnorm or imageio-ffmpeg.
+# lazy-loader, but not diffusers, ftfy (+ wcwidth), torchao (weights fp8), librosa (+ soxr), pyloudnorm or
+# imageio-ffmpeg.
 # The proof runs the first four. The last three it only imports: tools/real_size.py imports the encoders, and
 # model.media.audio_input imports them at module level, while the proof reads no audio file and writes no MP4.
 # librosa and pyloudnorm are small pure-Python wheels (librosa loads its numba-backed parts only when used);
@@ -25,7 +26,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=(diffusers==0.42.1 ftfy==6.3.1 wcwidth==0.7.0 torchao==0.18.0 librosa==0.11.0 pyloudnorm==0.2.0)
+# soxr: the image's transformers imports it at module level once librosa is importable (its audio_utils), and peft
+# imports transformers: without it the proof stopped at its imports on the first H200 run (2026-12-04).
+WHEELS=(diffusers==0.42.1 ftfy==6.3.1 wcwidth==0.7.0 torchao==0.18.0 librosa==0.11.0 pyloudnorm==0.2.0 soxr==1.0.0)
 SDISTS=(imageio-ffmpeg==0.6.0)  # built into pure-Python wheels here: the import without the binary
 
 if [[ "${1:-}" == "fetch" ]]; then
