@@ -132,14 +132,14 @@ OPTIONS: tuple[Option, ...] = (
            "`flash`, `_native_cudnn`, `native`, or `sage` (int8 q/k: faster, not exact).", "--attention",
            ("serve", "worker")),
     Option("weight_storage", _choice(WEIGHT_MODES), "Storage of the transformer's block weights: `bf16` "
-           "(exact), `fp8` (float8 weights and activations, Hopper/Ada or newer, fastest), `fp8-storage` "
+           "(exact), `fp8` (float8 weights and activations, Hopper/Ada or newer, half the memory), `fp8-storage` "
            "(float8 storage computed in bf16, any GPU), `int8` (weight-only).", "--weight-storage",
            ("serve", "worker")),
     Option("offload", _choice(OFFLOAD_MODES), "`blocks`: keep the transformer blocks in CPU memory and "
            "stream them to the GPU overlapped with compute, and the text encoder in CPU memory between requests "
            "(480p on 24 GB GPUs; needs ~64 GB RAM); `none`: all on the GPU.", "--offload", ("serve", "worker")),
     Option("compile", _flag_bool, "Compile the transformer blocks with torch.compile and warm up at start "
-           "(minutes at start, faster steps).", "--compile", ("serve", "worker")),
+           "(minutes at start; steps 1.24x faster on an H200).", "--compile", ("serve", "worker")),
     Option("log_json", _flag_bool, "Log one JSON object per line instead of text.", "--log-json"),
 )
 
