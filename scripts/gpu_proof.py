@@ -148,7 +148,8 @@ DEFAULT_BUDGET_S = COMMAND_LIMIT_S - WHEEL_INSTALL_S - EXIT_S  # 420 s, from the
 START_S = 30  # within the budget, before the first stage: the interpreter and the imports (torch, diffusers, torchao)
 
 # Seconds each stage is expected to take: on one H200 for 14b (the first run's figures, 2026-12-04, with a margin;
-# dit_720p and the compiled fp8 rows reasoned from them), on a 2-core CPU for tiny. A stage starts only if its estimate fits in what is left of the budget.
+# dit_720p and the compiled fp8 rows reasoned from them), on a 2-core CPU for tiny. A stage starts only if its
+# estimate fits in what is left of the budget.
 ESTIMATES_S = {
     "14b": {"versions": 5, "attention": 20, "dit_none": 35, "dit_lora": 30, "dit_teacache_skip": 15,
             "dit_720p": 70, "syncs": 20, "vae": 40, "encoders": 8, "drift": 8, "compile": 60, "fp8": 60, "offload": 15,
@@ -593,7 +594,7 @@ def count_syncs(run: Callable[[Callable[..., None]], None]) -> dict:
 
 def stage_vae(proof: Proof, out: dict) -> None:
     """Encode of the 81-frame conditioning video and decode of an 81-frame latent: as the server runs them (torch's
-    TF32 flags as they are: on a GPU, TF32 convolutions, like the original), in true fp32 (the reference) and in bf16."""
+    TF32 flags as they are: on a GPU, TF32 convolutions, like the original), in true fp32 (the reference), in bf16."""
     device, (height, width) = proof.device, proof.args.frame_size
     reset_peak(device)
     vae = proof.encoders(("vae",), out)["vae"]
@@ -613,9 +614,13 @@ def stage_vae(proof: Proof, out: dict) -> None:
                               "encode_error_vs_fp32": relative_error(run["latents"], reference["latents"]),
                               "decode_error_vs_fp32": relative_error(run["video"], reference["video"])}
                        for name, run in variants.items()}
-    out["headline"] = "; ".join(f"{name} {row['encode_s']:.3g} + {row['decode_s']:.3g} s"
-                                + (f" (decode error max {_rel(row['decode_error_vs_fp32']['max'])})" if name != "fp32" else "")
-                                for name, row in out["variants"].items()) + f" ({out['frames']} frames)"
+    out["headline"] = "; ".join(_vae_summary(name, row) for name, row in out["variants"].items()) + (
+        f" ({out['frames']} frames)")
+
+
+def _vae_summary(name: str, row: dict) -> str:
+    error = "" if name == "fp32" else f" (decode error max {_rel(row['decode_error_vs_fp32']['max'])})"
+    return f"{name} {row['encode_s']:.3g} + {row['decode_s']:.3g} s{error}"
 
 
 def vae_round_trip(vae, image: torch.Tensor, conditioning: torch.Tensor, noise: torch.Tensor) -> dict:
@@ -806,7 +811,8 @@ def stage_memory(proof: Proof, out: dict) -> None:
 STAGES = (
     Stage("versions", stage_versions), Stage("attention", stage_attention), Stage("dit_none", stage_dit_none),
     Stage("dit_lora", stage_dit_lora), Stage("dit_teacache_skip", stage_dit_teacache_skip),
-    Stage("dit_720p", stage_dit_720p), Stage("syncs", stage_syncs), Stage("vae", stage_vae), Stage("encoders", stage_encoders),
+    Stage("dit_720p", stage_dit_720p), Stage("syncs", stage_syncs), Stage("vae", stage_vae),
+    Stage("encoders", stage_encoders),
     Stage("drift", stage_drift), Stage("compile", stage_compile), Stage("fp8", stage_fp8),
     Stage("offload", stage_offload), Stage("memory", stage_memory),
 )
@@ -909,7 +915,9 @@ def whole_request_peak(memory: dict, stages: dict, stage: str) -> tuple[float | 
         encoders = ", ".join(row["encoders_counted"])
         return row["measured_whole_request_bytes"] / 1e9, f"{stage}'s step + {encoders} + the CUDA context"
     peak = stages.get(stage, {}).get("peak_memory_gib")
-    return (gigabytes(peak), f"{stage}: the transformer's step alone") if peak is not None else (None, f"{stage} not run")
+    if peak is None:
+        return None, f"{stage} not run"
+    return gigabytes(peak), f"{stage}: the transformer's step alone"
 
 
 def summary(result: dict) -> str:

@@ -12,8 +12,9 @@ Expected difference from `bf16` (all differences come from the storage rounding,
                in the compute dtype on the upcast weights, so the model equals a bf16 model whose
                block weights were rounded to fp8 and back.
   fp8          weights rounded to fp8 with one fp32 scale per output row (amax/448), activations
-               likewise per token at every call (an all-zero token stays zeros), then a float8 matmul (`torch._scaled_mm`, fp32
-               accumulation — on Hopper the fast-accumulation variant); roughly ±3% per element.
+               likewise per token at every call (an all-zero token stays zeros), then a float8 matmul
+               (`torch._scaled_mm`, fp32 accumulation — on Hopper the fast-accumulation variant); roughly ±3% per
+               element.
   int8         weights rounded to int8 with one scale per output row (amax/127); the matmul runs on the
                int8 values cast to the compute dtype and the row scales multiply its output, so the
                model equals a bf16 model holding the dequantised weights up to rounding (≈ 7e-7 tested).
