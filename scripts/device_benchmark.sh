@@ -20,9 +20,14 @@
 #    machine's start (1–2 minutes) the call takes ≈ 10 of a session's 15 minutes of device time.
 # 3. Here: the JSON's figures go to docs/benchmarks.md.
 #
-# `bash scripts/device_benchmark.sh PARTS [benchmark.py arguments]` (PARTS: loop, options) runs one part of
-# scripts/benchmark.py instead; each takes minutes at 14B. Its e2e part needs what `fetch` leaves out: the ffmpeg
-# binary and librosa's audio stack.
+# `bash scripts/device_benchmark.sh PARTS [benchmark.py arguments]` (PARTS: loop, options, e2e) runs one part of
+# scripts/benchmark.py instead; each takes minutes at 14B. e2e, the default request through the whole pipeline,
+# needs what the proof does without: `bash scripts/device_benchmark.sh fetch e2e` here also brings the ffmpeg binary
+# (imageio-ffmpeg's 29 MB wheel instead of the import-only build) and what librosa's audio code imports that the
+# image lacks (soundfile with cffi and pycparser, audioread, decorator, pooch with platformdirs: the e2e run's
+# imports on the tiny models here, 2026-12-04, less KINDS.md's package list of the image): ≈ 41 MB in all, so
+# the call carries ≈ 53 MB of its 64 MiB. Then, there: run(command="bash scripts/device_benchmark.sh e2e",
+# carry=[".whl"], timeout_s=600); predicted from the proof's parts, ≈ 3 minutes at 14B after the imports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,19 +35,23 @@ cd "$(dirname "$0")/.."
 # imports transformers: without it the proof stopped at its imports on the first H200 run (2026-12-04).
 WHEELS=(diffusers==0.42.1 ftfy==6.3.1 wcwidth==0.7.0 torchao==0.18.0 librosa==0.11.0 pyloudnorm==0.2.0 soxr==1.0.0)
 SDISTS=(imageio-ffmpeg==0.6.0)  # built into pure-Python wheels here: the import without the binary
+E2E_WHEELS=(imageio-ffmpeg==0.6.0 soundfile==0.14.0 cffi==2.0.0 pycparser==3.0 audioread==3.1.0 decorator==5.2.1
+            pooch==1.9.0 platformdirs==4.14.9)  # `fetch e2e`: with the binary, in place of the SDISTS build
 
 if [[ "${1:-}" == "fetch" ]]; then
     rm -rf .whl  # one version of each package: two stop the install there
+    wheels=("${WHEELS[@]}")
+    [[ "${2:-}" == "e2e" ]] && wheels+=("${E2E_WHEELS[@]}")
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-        -d .whl "${WHEELS[@]}"
-    python3 -m pip wheel -q --no-deps --no-binary=:all: --no-build-isolation -w .whl "${SDISTS[@]}"
+        -d .whl "${wheels[@]}"
+    [[ "${2:-}" == "e2e" ]] || python3 -m pip wheel -q --no-deps --no-binary=:all: --no-build-isolation -w .whl "${SDISTS[@]}"
     du -sh .whl
     exit 0
 fi
 
-mode=${1:?usage: device_benchmark.sh fetch | proof [gpu_proof.py arguments] | PARTS [benchmark.py arguments]}
+mode=${1:?usage: device_benchmark.sh fetch [e2e] | proof [gpu_proof.py arguments] | PARTS [benchmark.py arguments]}
 shift
 ls .whl/*.whl >/dev/null 2>&1 || { echo "no .whl/: run 'bash scripts/device_benchmark.sh fetch' here and carry .whl" >&2; exit 2; }
 started=$SECONDS
