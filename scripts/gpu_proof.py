@@ -27,6 +27,9 @@ Stages, in order (names as in the JSON):
                      figure the 80 GB target is about
   syncs              host synchronisations per step (torch.cuda.set_sync_debug_mode): the first step (clip set-up
                      included) and a later one, and where they come from
+  profile            where a default-request step's time goes: one step under torch.profiler after a warm-up, the
+                     device time of its operators in groups (matmuls, attention, copies and casts, the element-wise
+                     rest) and the longest ones
   vae                Wan VAE: encode of the 81-frame conditioning video, decode of an 81-frame clip's latent, as
                      the server runs them (TF32 convolutions on a GPU, like the original), in true fp32 and in bf16:
                      seconds and each one's error against true fp32
@@ -151,11 +154,12 @@ START_S = 30  # within the budget, before the first stage: the interpreter and t
 # dit_720p and the compiled fp8 rows reasoned from them), on a 2-core CPU for tiny. A stage starts only if its
 # estimate fits in what is left of the budget.
 ESTIMATES_S = {
-    "14b": {"versions": 5, "attention": 20, "dit_none": 35, "dit_lora": 30, "dit_teacache_skip": 15,
-            "dit_720p": 70, "syncs": 20, "vae": 40, "encoders": 8, "drift": 8, "compile": 60, "fp8": 60, "offload": 15,
-            "memory": 1},
+    "14b": {"versions": 5, "attention": 18, "dit_none": 35, "dit_lora": 30, "dit_teacache_skip": 15,
+            "dit_720p": 60, "syncs": 20, "profile": 20, "vae": 35, "encoders": 8, "drift": 8, "compile": 55, "fp8": 60,
+            "offload": 15, "memory": 1},
     "tiny": {"versions": 1, "attention": 1, "dit_none": 3, "dit_lora": 3, "dit_teacache_skip": 1, "dit_720p": 3,
-             "syncs": 1, "vae": 3, "encoders": 2, "drift": 2, "compile": 10, "fp8": 12, "offload": 2, "memory": 1},
+             "syncs": 1, "profile": 2, "vae": 3, "encoders": 2, "drift": 2, "compile": 10, "fp8": 12, "offload": 2,
+             "memory": 1},
 }
 # Sizes per config: attention shapes (label, frame size, batch = guidance passes), depths of the cut-down models,
 # seconds of audio for wav2vec2, and the compile backend (on a CPU, dynamo's tracing and guards without code
@@ -578,6 +582,49 @@ def stage_syncs(proof: Proof, out: dict) -> None:
     out["headline"] = f"syncs per step: {out['per_step']} (the first includes the clip's set-up)"
 
 
+# Operator groups of the profile stage, by aten name (what is neither is element-wise work: norms, modulation, RoPE,
+# activations, the guidance combination).
+PROFILE_GROUPS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm"),
+    "attention": ("aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+                  "aten::_scaled_dot_product_cudnn_attention", "aten::_flash_attention_forward",
+                  "aten::_efficient_attention_forward", "aten::_scaled_dot_product_flash_attention_for_cpu"),
+    "copy": ("aten::copy_", "aten::cat", "aten::index", "aten::index_select", "aten::gather", "aten::fill_",
+             "aten::zero_"),
+}
+PROFILE_TOP = 15
+
+
+def stage_profile(proof: Proof, out: dict) -> None:
+    """One default-request step under torch.profiler, after a warm-up step: each operator's own device time (CPU time
+    on a CPU), in PROFILE_GROUPS and the longest PROFILE_TOP, so the next optimisation aims at what is measured."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device, recipe = proof.device, proof.distilled
+    cuda = device.type == "cuda"
+    with proof.default_request_lora(out) as transformer:
+        inputs = clip_inputs(transformer, proof.grid, SPEAKERS, device, proof.args.seed)
+        time_steps(transformer, inputs, 1, recipe.shift, recipe.guidance, device)  # warm-up
+        activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+        with profile(activities=activities) as profiler:
+            step_s = time_steps(transformer, inputs, 1, recipe.shift, recipe.guidance, device)[0]
+    out.update(operator_times(profiler.key_averages(), cuda), step_s=step_s)
+    groups = ", ".join(f"{name} {seconds:.3g} s" for name, seconds in out["groups_s"].items())
+    out["headline"] = f"{step_s:.3g} s step (profiled): {groups}"
+
+
+def operator_times(events, cuda: bool) -> dict:
+    """Seconds of each operator's own work (its kernels' device time on CUDA, its CPU time on a CPU), grouped."""
+    times = {event.key: (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e6
+             for event in events}
+    groups = dict.fromkeys((*PROFILE_GROUPS, "element-wise and other"), 0.0)
+    for name, seconds in times.items():
+        group = next((group for group, names in PROFILE_GROUPS.items() if name in names), "element-wise and other")
+        groups[group] += seconds
+    top = sorted(times.items(), key=lambda item: item[1], reverse=True)[:PROFILE_TOP]
+    return {"groups_s": groups, "top_s": dict(top), "clock": "device" if cuda else "cpu"}
+
+
 def count_syncs(run: Callable[[Callable[..., None]], None]) -> dict:
     """Host synchronisations in each step of `run(on_step)`, which runs steps (calling on_step after each) under
     torch.cuda.set_sync_debug_mode("warn"): torch then warns at every synchronising call. Also where the ten most
@@ -811,7 +858,8 @@ def stage_memory(proof: Proof, out: dict) -> None:
 STAGES = (
     Stage("versions", stage_versions), Stage("attention", stage_attention), Stage("dit_none", stage_dit_none),
     Stage("dit_lora", stage_dit_lora), Stage("dit_teacache_skip", stage_dit_teacache_skip),
-    Stage("dit_720p", stage_dit_720p), Stage("syncs", stage_syncs), Stage("vae", stage_vae),
+    Stage("dit_720p", stage_dit_720p), Stage("syncs", stage_syncs), Stage("profile", stage_profile),
+    Stage("vae", stage_vae),
     Stage("encoders", stage_encoders),
     Stage("drift", stage_drift), Stage("compile", stage_compile), Stage("fp8", stage_fp8),
     Stage("offload", stage_offload), Stage("memory", stage_memory),

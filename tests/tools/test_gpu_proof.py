@@ -164,6 +164,12 @@ def test_every_stage_runs_on_the_tiny_models_on_a_cpu(gpu_proof, tmp_path):
 
     assert r["vae"]["frames"] == 21 and r["vae"]["latent_shape"] == [1, 16, 6, 4, 8]
     assert r["vae"]["encode_s"] > 0 and r["vae"]["decode_s"] > 0
+    profiled = r["profile"]
+    assert set(profiled["groups_s"]) == {"matmul", "attention", "copy", "element-wise and other"}
+    assert profiled["groups_s"]["matmul"] > 0 and profiled["groups_s"]["attention"] > 0
+    assert 0 < sum(profiled["groups_s"].values()) and len(profiled["top_s"]) == gpu_proof.PROFILE_TOP
+    assert profiled["clock"] == "cpu" and profiled["step_s"] > 0
+
     variants = r["vae"]["variants"]
     assert list(variants) == ["served", "fp32", "bf16"]
     assert variants["served"]["decode_error_vs_fp32"]["max"] == 0  # a CPU has no TF32: the same fp32 arithmetic
