@@ -721,13 +721,11 @@ def stage_drift(proof: Proof, out: dict) -> None:
 
 def stage_compile(proof: Proof, out: dict) -> None:
     """Regional compilation as the server's `compile` option does it, on the default request's step."""
-    recipe, args, device = proof.distilled, proof.args, proof.device
+    recipe, args = proof.distilled, proof.args
     try:
         with proof.default_request_lora(out) as transformer:
-            inputs = clip_inputs(transformer, proof.grid, SPEAKERS, device, args.seed)
             before = dynamo_counts()
-            transformer.compile_repeated_blocks(backend=proof.sizes["compile_backend"])
-            out["first_step_s"] = time_steps(transformer, inputs, 1, recipe.shift, recipe.guidance, device)[0]
+            out["first_step_s"] = compile_and_take_a_step(proof, transformer)
             warm = dynamo_counts()
             case = proof.measure(transformer, speakers=SPEAKERS, guidance=recipe.guidance, shift=recipe.shift,
                                  lora_rank=args.lora_rank)
@@ -777,6 +775,15 @@ def stage_fp8(proof: Proof, out: dict) -> None:
     out["headline"] = "; ".join(_weights_summary(row) for row in rows)
 
 
+def compile_and_take_a_step(proof: Proof, transformer) -> float:
+    """compile_repeated_blocks as the server's `compile` does it, then the seconds of the default request's first
+    step, which compiles the blocks."""
+    recipe, device = proof.distilled, proof.device
+    transformer.compile_repeated_blocks(backend=proof.sizes["compile_backend"])
+    inputs = clip_inputs(transformer, proof.grid, SPEAKERS, device, proof.args.seed)
+    return time_steps(transformer, inputs, 1, recipe.shift, recipe.guidance, device)[0]
+
+
 def compiled_weights_row(proof: Proof, weights: str, layers: int) -> dict:
     """`weights` under compile_repeated_blocks on the cut-down model: seconds per step after the compiling step."""
     device, recipe = proof.device, proof.distilled
@@ -787,10 +794,7 @@ def compiled_weights_row(proof: Proof, weights: str, layers: int) -> dict:
     except Exception as error:
         return {**row, "status": "unavailable", "note": f"{type(error).__name__}: {error}"}
     try:
-        model.compile_repeated_blocks(backend=proof.sizes["compile_backend"])
-        inputs = clip_inputs(model, proof.grid, SPEAKERS, device, proof.args.seed)
-        row["first_step_s"] = time_steps(model, inputs, 1, recipe.shift, recipe.guidance, device)[0]
-        del inputs
+        row["first_step_s"] = compile_and_take_a_step(proof, model)
         row.update(proof.measure(model, speakers=SPEAKERS, guidance=recipe.guidance, shift=recipe.shift), status="ok")
     finally:
         del model
